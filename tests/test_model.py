@@ -312,3 +312,13 @@ def test_model_imports_only_torch():
     code = ("import sys, model; bad = [m for m in ('transformers', 'torchvision', 'safetensors', 'tokenizers', "
             "'PIL') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_image_index_shares_one_cnn_pass():
+    model = tiny_model().eval()
+    ids, mask = padded_batch(lengths=(12, 7, 3), T=12)
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        shared, _ = model(ids, mask, images, image_index=torch.tensor([1, 0, 1]))
+        repeated, _ = model(ids, mask, images[[1, 0, 1]])
+    assert torch.allclose(shared, repeated, atol=1e-5)

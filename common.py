@@ -1,0 +1,187 @@
+"""
+The few helpers every training script shares: torchrun setup, print0, dataclass -> argparse,
+the learning-rate schedule, one optimiser step, checkpoints and the metric log. The training
+loops themselves are written out in each script.
+"""
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Processes and devices
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device=""):
+    """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); one process per GPU with
+    NCCL, or processes on the CPU with gloo. Without torchrun: one process."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, local_rank, world_size, device)
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def autocast(device, dtype):
+    """bf16 / fp16 autocast, or nothing for fp32. Matrix products then run in half precision
+    (bf16 on the CPU's AMX units is ~9x fp32); reductions and the losses stay in fp32."""
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+
+
+# -----------------------------------------------------------------------------
+# Configuration: one dataclass per script, flags generated from its fields
+
+
+def parse_config(cls, presets=None, argv=None):
+    """--kebab-case flags from the dataclass fields. A value comes from, in increasing
+    priority: the field default, the preset named by --data (if presets has it), the flag."""
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, type=f.type, default=argparse.SUPPRESS, metavar=f.type.__name__.upper(),
+                                help=f"default {f.default!r}")
+    given = vars(parser.parse_args(argv))
+    preset = (presets or {}).get(given.get("data", getattr(cls, "data", None)), {})
+    return cls(**{**preset, **given})
+
+
+# -----------------------------------------------------------------------------
+# Optimisation
+
+
+def lr_factor(step, warmup_steps, warmup_start, milestones):
+    """Multiplier of every base learning rate at `step`: a linear warm-up from warmup_start to 1
+    over warmup_steps, and a division by 10 at each milestone (in steps)."""
+    factor = 0.1 ** sum(step >= m for m in milestones)
+    if step < warmup_steps:
+        factor *= warmup_start + (1 - warmup_start) * step / warmup_steps
+    return factor
+
+
+def set_lr(optimizers, factor):
+    for opt in filter(None, optimizers):
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * factor
+
+
+def optimizer_step(optimizers, scaler, parameters, grad_clip):
+    """Unscale (fp16), clip the global gradient norm, step every optimiser, clear gradients.
+    Returns the gradient norm before clipping."""
+    optimizers = [o for o in optimizers if o is not None]
+    for opt in optimizers:
+        scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else float("inf"))
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return norm
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and logs
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, then rename: a crash mid-write leaves the old file intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def step_checkpoints(out_dir):
+    return sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+
+
+def save_step_checkpoint(state, out_dir, step, keep):
+    save_checkpoint(state, os.path.join(out_dir, f"ckpt_{step:08d}.pt"))
+    for old in step_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+        os.remove(old)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint without unpickling code (weights_only=True)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a loadable checkpoint ({str(e).splitlines()[0]}); it may be truncated, "
+                         f"or contain objects other than tensors and plain values") from None
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricLog:
+    """One JSON object per line in <run folder>/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, path, enabled=True):
+        self.file = open(path, "a") if enabled else None
+        self.start = time.time()
+
+    def write(self, **metrics):
+        if self.file:
+            metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+            self.file.write(json.dumps({"time": round(time.time() - self.start, 2), **metrics}) + "\n")
+            self.file.flush()
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)

@@ -1,0 +1,512 @@
+"""
+Data for Pixel-BERT: the WordPiece tokenizer, image decoding and resizing, padded batches with
+masks, MLM masking and ITM negatives (paper 3.4), the readers of the official annotation files
+(COCO captions, Visual Genome; PAPER.md section 5), and the training sampler.
+
+Large caption sets (Visual Genome has over 5M region phrases) are tokenised once into a few
+flat numpy arrays cached next to the data and memory-mapped, so DataLoader workers share them
+through the page cache instead of each copying millions of Python objects.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAD_MULTIPLE = 64  # pixel tokens cover 64x64 cells (stride 32 + 2x2 pool): no partial cells
+IGNORE = -100  # label of positions without an MLM target (F.cross_entropy's ignore_index)
+
+# Where each official file comes from; shown whenever one is missing.
+DOWNLOADS = {
+    "coco/dataset_coco.json": "Karpathy's splits: caption_datasets.zip from https://cs.stanford.edu/people/karpathy/deepimagesent/",
+    "coco/annotations/captions_train2014.json": "annotations_trainval2014.zip from https://cocodataset.org/#download",
+    "coco/train2014": "train2014.zip from https://cocodataset.org/#download",
+    "coco/val2014": "val2014.zip from https://cocodataset.org/#download",
+    "vg/region_descriptions.json": "region_descriptions.json.zip (v1.2) from https://homes.cs.washington.edu/~ranjay/visualgenome/api.html",
+    "vg/image_data.json": "image_data.json.zip (v1.2) from https://homes.cs.washington.edu/~ranjay/visualgenome/api.html",
+}
+
+
+class DataError(ValueError):
+    """Bad or missing input data. The message names the file or record and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """bert-base-uncased's WordPiece tokenizer, assembled from a vocab.txt with the `tokenizers`
+    library: BERT's normaliser (clean text, lower-case, strip accents, split CJK characters),
+    BERT's pre-tokeniser (whitespace and punctuation), WordPiece, then [CLS] ... [SEP]."""
+
+    def __init__(self, vocab_path, max_length=40):
+        from tokenizers import Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers, processors
+        if not os.path.isfile(vocab_path):
+            raise DataError(f"{vocab_path}: vocabulary file not found (a WordPiece vocab.txt, one token per line)")
+        tok = HFTokenizer(models.WordPiece.from_file(vocab_path, unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        self.vocab = tok.get_vocab()
+        missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in self.vocab]
+        if missing or self.vocab["[PAD]"] != 0:
+            raise DataError(f"{vocab_path}: a BERT vocabulary needs [PAD] at id 0 and {missing or 'the special tokens'}")
+        self.pad_id, self.cls_id, self.sep_id, self.mask_id = (self.vocab[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]"))
+        tok.post_processor = processors.BertProcessing(("[SEP]", self.sep_id), ("[CLS]", self.cls_id))
+        tok.enable_truncation(max_length)  # truncation keeps the final [SEP]
+        self.tok, self.max_length, self.vocab_path = tok, max_length, vocab_path
+        self.vocab_size = len(self.vocab)
+        # Tokens MLM may substitute at random: real word pieces, not [PAD]/[CLS]/[unused0]...
+        self.ordinary_ids = np.array(sorted(i for t, i in self.vocab.items() if not (t.startswith("[") and t.endswith("]"))))
+
+    def encode(self, text):
+        """'A dog.' -> [CLS] a dog . [SEP] ids, at most max_length."""
+        return self.tok.encode(text).ids
+
+    def pieces(self, texts):
+        """Word-piece ids of many texts, without [CLS]/[SEP] or truncation (for the caption index)."""
+        self.tok.no_truncation()
+        try:
+            return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            self.tok.enable_truncation(self.max_length)
+
+    def wrap(self, pieces):
+        """Word pieces -> [CLS] pieces [SEP], truncated to max_length."""
+        return [self.cls_id, *pieces[: self.max_length - 2], self.sep_id]
+
+    def vocab_tokens(self):
+        return [t for t, _ in sorted(self.vocab.items(), key=lambda kv: kv[1])]
+
+
+def file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# Images
+
+
+def load_image(path):
+    """Decode any image file to 8-bit RGB, upright (EXIF orientation applied)."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found; check --data-root and the folder layout in the README")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot decode the image ({type(e).__name__}: {e}); re-download it or remove "
+                        f"its records") from None
+    if img.mode.startswith("I"):  # 16/32-bit grayscale: rescale to 8 bits instead of clipping at 255
+        arr = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")  # transparent areas become white, as a viewer shows them
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")
+
+
+def resize_image(img, min_size, max_size):
+    """Scale so the shorter side is min_size, unless that makes the longer side exceed
+    max_size (paper: 800 / 1333 for ResNet-50, 600 / 1000 for ResNeXt-152); aspect kept."""
+    w, h = img.size
+    scale = min(min_size / min(w, h), max_size / max(w, h))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img if size == img.size else img.resize(size, Image.BILINEAR)
+
+
+def image_tensor(path, min_size, max_size):
+    """(3, H, W) uint8. Images stay 8-bit until they reach the device (4x less to copy)."""
+    img = resize_image(load_image(path), min_size, max_size)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def normalize_images(images):
+    """uint8 (B, 3, H, W) -> float ImageNet-normalised, on the images' device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def pad_sequences(seqs, value):
+    out = torch.full((len(seqs), max(map(len, seqs))), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def collate(items):
+    """List of examples -> batch. Images are padded bottom/right to the batch's largest height
+    and width, rounded up to a multiple of 64, with image_mask (B, H, W) True on real pixels;
+    sequences are padded with 0 ([PAD]), or with IGNORE when the key ends in "_labels";
+    text_mask (B, T) is True on real tokens of input_ids. An example with "pairs" (several
+    texts for its one image) contributes one row per text, and image_index says whose image."""
+    batch = {}
+    if "image" in items[0]:
+        sizes = [it["image"].shape[1:] for it in items]
+        H = -(-max(h for h, _ in sizes) // PAD_MULTIPLE) * PAD_MULTIPLE
+        W = -(-max(w for _, w in sizes) // PAD_MULTIPLE) * PAD_MULTIPLE
+        batch["images"] = torch.zeros(len(items), 3, H, W, dtype=torch.uint8)
+        batch["image_mask"] = torch.zeros(len(items), H, W, dtype=torch.bool)
+        for i, (it, (h, w)) in enumerate(zip(items, sizes)):
+            batch["images"][i, :, :h, :w] = it["image"]
+            batch["image_mask"][i, :h, :w] = True
+    if "pairs" in items[0]:
+        batch["image_index"] = torch.tensor([b for b, it in enumerate(items) for _ in it["pairs"]])
+        items = [pair for it in items for pair in it["pairs"]]
+    for key in items[0]:
+        if key == "image":
+            continue
+        values = [it[key] for it in items]
+        if isinstance(values[0], (list, tuple, np.ndarray)):  # a sequence per example
+            batch[key] = pad_sequences(values, IGNORE if key.endswith("_labels") else 0)
+        else:
+            batch[key] = torch.as_tensor(values)
+    if "input_ids" in batch:
+        batch["text_mask"] = pad_sequences([[1] * len(it["input_ids"]) for it in items], 0).bool()
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# Pre-training objectives on one example (paper 3.4)
+
+
+def mask_tokens(ids, rng, tokenizer, prob=0.15):
+    """BERT's masking of [CLS] w1..wn [SEP]: each word piece is chosen with probability `prob`
+    (at least one per caption, unless prob is 0); a chosen piece becomes [MASK] 80% of the time,
+    a random word piece 10%, and stays unchanged 10%. [CLS]/[SEP] are never chosen.
+    Returns (input ids, labels) with labels IGNORE where nothing is predicted."""
+    ids = np.asarray(ids)
+    n = len(ids) - 2
+    inputs, labels = ids.copy(), np.full(len(ids), IGNORE)
+    if n <= 0 or prob == 0:
+        return inputs, labels
+    chosen = rng.random(n) < prob
+    if not chosen.any():
+        chosen[rng.integers(n)] = True
+    u = rng.random(n)
+    words = inputs[1:-1]  # a view: writes go into inputs
+    labels[1:-1][chosen] = words[chosen]
+    words[chosen & (u < 0.8)] = tokenizer.mask_id
+    swap = chosen & (u >= 0.8) & (u < 0.9)
+    words[swap] = rng.choice(tokenizer.ordinary_ids, swap.sum())
+    return inputs, labels
+
+
+# -----------------------------------------------------------------------------
+# The caption index: every caption of a dataset as flat, memory-mappable arrays
+
+INDEX_VERSION = 1
+INDEX_FIELDS = ("image_paths", "image_sizes", "caption_image", "offsets", "pieces")
+
+
+@dataclass
+class ImageEntry:
+    path: str  # relative to the data root
+    captions: list
+    size: tuple = None  # (width, height) if the annotation file gives it
+
+
+class CaptionIndex:
+    """image_paths (I,) str, image_sizes (I, 2) [w, h], caption_image (N,) -> image row,
+    offsets (N + 1,) into pieces (word-piece ids of all captions, concatenated).
+    Pickles as its folder name only, so each DataLoader worker maps the files itself."""
+
+    def __init__(self, folder, root):
+        self.folder, self.root, self._arrays = folder, root, None
+
+    def __getstate__(self):
+        return {"folder": self.folder, "root": self.root, "_arrays": None}
+
+    def __getattr__(self, name):
+        if name in INDEX_FIELDS:
+            if self._arrays is None:
+                self._arrays = {f: np.load(os.path.join(self.folder, f + ".npy"), mmap_mode="r") for f in INDEX_FIELDS}
+            return self._arrays[name]
+        raise AttributeError(name)
+
+    def __len__(self):
+        return len(self.caption_image)
+
+    def caption_pieces(self, i):
+        return self.pieces[self.offsets[i]: self.offsets[i + 1]]
+
+    def image_path(self, image):
+        return os.path.join(self.root, str(self.image_paths[image]))
+
+    @staticmethod
+    def build(folder, root, entries, tokenizer):
+        """Tokenise every caption, drop empty ones, and write the arrays to `folder` atomically."""
+        texts = [c for e in entries for c in e.captions]
+        pieces = tokenizer.pieces(texts)
+        owner = np.repeat(np.arange(len(entries)), [len(e.captions) for e in entries])
+        keep = np.array([len(p) > 0 for p in pieces], dtype=bool)
+        if not keep.any():
+            raise DataError(f"{root}: no non-empty captions found")
+        kept = [p for p, k in zip(pieces, keep) if k]
+        sizes = [e.size or Image.open(os.path.join(root, e.path)).size for e in entries]  # reads headers only
+        arrays = {
+            "image_paths": np.array([e.path for e in entries]),
+            "image_sizes": np.array(sizes, dtype=np.int32).reshape(-1, 2),
+            "caption_image": owner[keep].astype(np.int32),
+            "offsets": np.concatenate([[0], np.cumsum([len(p) for p in kept])]).astype(np.int64),
+            "pieces": np.fromiter((t for p in kept for t in p), dtype=np.int32),
+        }
+        tmp = f"{folder}.tmp{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        for name, arr in arrays.items():
+            np.save(os.path.join(tmp, name + ".npy"), arr)
+        with open(os.path.join(tmp, "info.json"), "w") as f:
+            json.dump({"images": len(entries), "captions": int(keep.sum()), "empty_dropped": int((~keep).sum())}, f)
+        if os.path.exists(folder):  # another process finished the same index first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
+        return CaptionIndex(folder, root)
+
+
+# -----------------------------------------------------------------------------
+# Readers of the official annotation files
+
+
+def require(root, rel):
+    path = os.path.join(root, rel)
+    if not os.path.exists(path):
+        hint = DOWNLOADS.get(rel, "see the README's Data section")
+        raise DataError(f"{path} is missing. Get {hint} and put it at {rel} under --data-root ({root}).")
+    return path
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a valid JSON file ({e}); re-download it") from None
+
+
+def field(record, name, kind, where):
+    value = record.get(name) if isinstance(record, dict) else None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise DataError(f"{where}: field '{name}' is missing or not {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def karpathy_entries(root, dataset, splits):
+    """Images of Karpathy's dataset_{coco,flickr30k}.json in the given splits, with their raw
+    sentences. COCO images live in coco/{filepath}/, Flickr30K's in flickr30k/images/."""
+    path = require(root, f"{dataset}/dataset_{dataset}.json")
+    entries, ids = [], []
+    for i, img in enumerate(field(read_json(path), "images", list, path)):
+        where = f"{path}: images[{i}]"
+        if field(img, "split", str, where) not in splits:
+            continue
+        folder = f"coco/{field(img, 'filepath', str, where)}" if dataset == "coco" else "flickr30k/images"
+        captions = [field(s, "raw", str, f"{where}.sentences[{j}]")
+                    for j, s in enumerate(field(img, "sentences", list, where))]
+        entries.append(ImageEntry(f"{folder}/{field(img, 'filename', str, where)}", captions))
+        ids.append(img.get("cocoid", img.get("imgid")))
+    return entries, ids
+
+
+def karpathy_coco_ids(root, splits):
+    """COCO ids of the Karpathy images in `splits`, e.g. the val/test images pre-training must not see."""
+    path = os.path.join(root, "coco/dataset_coco.json")
+    if not os.path.exists(path):
+        return set()
+    return {img.get("cocoid") for img in read_json(path)["images"] if img.get("split") in splits}
+
+
+def coco2014_entries(root):
+    """The official captions_train2014.json: images[] (id, file_name, width, height) and
+    annotations[] (image_id, caption)."""
+    path = require(root, "coco/annotations/captions_train2014.json")
+    data = read_json(path)
+    by_id, ids = {}, []
+    for i, img in enumerate(field(data, "images", list, path)):
+        where = f"{path}: images[{i}]"
+        by_id[field(img, "id", int, where)] = ImageEntry(
+            f"coco/train2014/{field(img, 'file_name', str, where)}", [],
+            (field(img, "width", int, where), field(img, "height", int, where)))
+    for i, ann in enumerate(field(data, "annotations", list, path)):
+        where = f"{path}: annotations[{i}]"
+        image_id = field(ann, "image_id", int, where)
+        if image_id not in by_id:
+            raise DataError(f"{where}: image_id {image_id} is not in images[]")
+        by_id[image_id].captions.append(field(ann, "caption", str, where))
+    return list(by_id.values()), list(by_id)
+
+
+def vg_entries(root):
+    """Visual Genome 1.2: each region phrase is used as a caption of the whole image (paper 4.1).
+    Returns entries and their coco_id (None for images not in COCO)."""
+    meta_path, regions_path = require(root, "vg/image_data.json"), require(root, "vg/region_descriptions.json")
+    meta = {}
+    for i, m in enumerate(read_json(meta_path)):
+        where = f"{meta_path}: [{i}]"
+        url = field(m, "url", str, where)  # .../VG_100K_2/123.jpg tells the folder
+        meta[field(m, "image_id", int, where)] = (f"vg/{url.split('/')[-2]}/{url.split('/')[-1]}",
+                                                  (field(m, "width", int, where), field(m, "height", int, where)),
+                                                  m.get("coco_id"))
+    entries, coco_ids = [], []
+    for i, img in enumerate(read_json(regions_path)):
+        where = f"{regions_path}: [{i}]"
+        image_id = field(img, "id", int, where)
+        if image_id not in meta:
+            raise DataError(f"{where}: image {image_id} is not in {meta_path}")
+        phrases = [field(r, "phrase", str, f"{where}.regions[{j}]") for j, r in enumerate(field(img, "regions", list, where))]
+        path, size, coco_id = meta[image_id]
+        entries.append(ImageEntry(path, list(dict.fromkeys(p.strip() for p in phrases)), size))  # drop repeats
+        coco_ids.append(coco_id)
+    return entries, coco_ids
+
+
+def pretrain_entries(name, root, split):
+    """Image entries for pre-training. split "train": COCO Karpathy train + restval (`coco`), or
+    the official captions_train2014.json (`coco2014`), and/or Visual Genome (`vg`); "val": the
+    Karpathy val images, for held-out MLM/ITM accuracy. VG images that are COCO images become
+    extra captions of the COCO entry; VG images of Karpathy val/test are dropped, so no
+    retrieval test image is seen in pre-training."""
+    if split == "val":
+        return karpathy_entries(root, "coco", ("val",))[0]
+    parts = name.split("_")  # coco_vg -> coco + vg
+    if not set(parts) <= {"coco", "coco2014", "vg"}:
+        raise DataError(f"--data {name}: choose coco, coco2014, vg or coco_vg (or demo)")
+    entries, coco_ids = [], []
+    if "coco" in parts:
+        entries, coco_ids = karpathy_entries(root, "coco", ("train", "restval"))
+    if "coco2014" in parts:
+        entries, coco_ids = coco2014_entries(root)
+    if "vg" in parts:
+        held_out = karpathy_coco_ids(root, ("val", "test"))
+        by_coco = dict(zip(coco_ids, entries))
+        for entry, coco_id in zip(*vg_entries(root)):
+            if coco_id in held_out:
+                continue
+            if coco_id in by_coco:
+                by_coco[coco_id].captions.extend(entry.captions)
+            else:
+                entries.append(entry)
+    return entries
+
+
+def caption_index(name, root, split, tokenizer, cache_root=None):
+    """The cached CaptionIndex for (dataset, split, vocabulary); rebuilt when a source file or
+    the vocabulary changes. Cached under <root>/.pixelbert_cache unless cache_root is given."""
+    sources = sorted(os.path.join(root, rel) for rel in DOWNLOADS if rel.endswith(".json"))
+    stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in sources if os.path.exists(p)]
+    key = hashlib.sha1(json.dumps([INDEX_VERSION, name, split, stamp, file_digest(tokenizer.vocab_path)]).encode())
+    folder = os.path.join(cache_root or os.path.join(root, ".pixelbert_cache"), f"{name}-{split}-{key.hexdigest()[:16]}")
+    if os.path.exists(os.path.join(folder, "info.json")):
+        return CaptionIndex(folder, root)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    return CaptionIndex.build(folder, root, pretrain_entries(name, root, split), tokenizer)
+
+
+# -----------------------------------------------------------------------------
+# The pre-training dataset and the sampler
+
+
+class PretrainPairs(torch.utils.data.Dataset):
+    """Item (epoch, i): the image of caption i with `captions_per_image` texts - caption i and
+    others of the same image - each swapped for a caption of another image with probability
+    itm_neg_prob (ITM), then masked (MLM). One caption per image is the paper's setting; more
+    share one CNN pass among several pairs (the authors' follow-up SOHO uses 4).
+    Every random choice comes from a generator seeded by (seed, epoch, i), so a batch is the
+    same whatever the number of workers or processes, and a resumed run replays it exactly."""
+
+    def __init__(self, index, tokenizer, min_size, max_size, seed=0, itm_neg_prob=0.5, mask_prob=0.15,
+                 mlm_on_negatives=False, captions_per_image=1):
+        self.index, self.tok = index, tokenizer
+        self.min_size, self.max_size, self.seed = min_size, max_size, seed
+        self.itm_neg_prob, self.mask_prob, self.mlm_on_negatives = itm_neg_prob, mask_prob, mlm_on_negatives
+        self.captions_per_image = captions_per_image
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        rng = np.random.default_rng([self.seed, epoch, i])
+        image = int(self.index.caption_image[i])
+        chosen = [i]
+        if self.captions_per_image > 1:  # the index stores an image's captions contiguously
+            first, end = np.searchsorted(self.index.caption_image, [image, image + 1])
+            others = [c for c in range(first, end) if c != i] or [i]
+            more = self.captions_per_image - 1
+            chosen += rng.choice(others, more, replace=len(others) < more).tolist()
+        return {"image": image_tensor(self.index.image_path(image), self.min_size, self.max_size),
+                "pairs": [self.pair(c, image, rng) for c in chosen]}
+
+    def pair(self, i, image, rng):
+        matched = rng.random() >= self.itm_neg_prob
+        j = i
+        while not matched and self.index.caption_image[j] == image:  # a caption of another image
+            j = int(rng.integers(len(self.index)))
+        ids = self.tok.wrap(self.index.caption_pieces(j).tolist())
+        # Every caption is masked, matched or not: if only matched ones carried [MASK], ITM
+        # could be solved by spotting [MASK]. MLM labels are kept on matched pairs only, since
+        # a caption of another image teaches the wrong grounding (PAPER.md: an open choice).
+        mlm_ids, mlm_labels = mask_tokens(ids, rng, self.tok, self.mask_prob)
+        if not matched and not self.mlm_on_negatives:
+            mlm_labels[:] = IGNORE
+        return {"input_ids": ids, "mlm_ids": mlm_ids.tolist(), "mlm_labels": mlm_labels.tolist(),
+                "itm_labels": int(matched)}
+
+
+class MicroBatchSampler:
+    """This rank's micro-batches, as lists of (epoch, index) keys.
+
+    An epoch is a seeded permutation cut into micro-batches; with `group_ids` (e.g. landscape vs
+    portrait) each micro-batch takes samples of one group, to cut padding. Training step s uses
+    micro-batches s*W*A .. (s+1)*W*A - 1 (W processes, A accumulation steps); rank r takes every
+    W-th of them. One process with A = 2 and two processes with A = 1 therefore see the same
+    micro-batches, and (epoch, step) is all a checkpoint needs to resume the data exactly."""
+
+    def __init__(self, num_samples, micro_batch, world_size=1, rank=0, accum=1, seed=0, group_ids=None,
+                 epoch_size=None):
+        self.n, self.micro_batch, self.world, self.rank, self.accum = num_samples, micro_batch, world_size, rank, accum
+        self.seed, self.group_ids = seed, group_ids
+        self.epoch_size = epoch_size or num_samples  # samples drawn per epoch (fewer with several captions each)
+        self.steps_per_epoch = self.epoch_size // (micro_batch * world_size * accum)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{self.epoch_size} samples cannot fill one step of {micro_batch * world_size * accum} "
+                            f"(batch size x processes x accumulation); lower --global-batch")
+        self.epoch, self.start_step = 0, 0
+
+    def set_position(self, epoch, step=0):
+        self.epoch, self.start_step = epoch, step
+
+    def micro_batches(self, epoch):
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)[: self.epoch_size]
+        mb = self.micro_batch
+        if self.group_ids is None:
+            groups = [order]
+        else:  # split the permutation by group, keeping its order within each group
+            groups = [order[self.group_ids[order] == g] for g in np.unique(self.group_ids)]
+        batches = [g[k: k + mb] for g in groups for k in range(0, len(g) - mb + 1, mb)]
+        if self.group_ids is not None:  # interleave the groups' batches in a seeded order
+            batches = [batches[k] for k in np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))]
+        rest = np.concatenate([g[len(g) // mb * mb:] for g in groups])  # each group's leftovers, mixed
+        batches += [rest[k: k + mb] for k in range(0, len(rest) - mb + 1, mb)]
+        return batches[: self.steps_per_epoch * self.world * self.accum]
+
+    def __iter__(self):
+        batches = self.micro_batches(self.epoch)
+        per_step = self.world * self.accum
+        for step in range(self.start_step, self.steps_per_epoch):
+            for a in range(self.accum):
+                yield [(self.epoch, int(i)) for i in batches[step * per_step + a * self.world + self.rank]]
+
+    def __len__(self):
+        return (self.steps_per_epoch - self.start_step) * self.accum

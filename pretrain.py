@@ -1,0 +1,322 @@
+"""
+Pixel-BERT pre-training: masked language modelling (MLM) + image-text matching (ITM) on COCO
+captions and Visual Genome region phrases (paper 3.4 and 4.1).
+
+    python pretrain.py          # demo: renders data/demo, trains the tiny model, ~10 min on 2 CPU cores
+    torchrun --nproc_per_node=8 pretrain.py --data coco_vg --data-root /datasets \
+        --bert weights/bert-base-uncased --cnn weights/resnet50-11ad3fa6.pth
+
+Reads top to bottom: config -> processes -> data -> model -> optimisers -> loop -> evaluation.
+"""
+
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+import data
+from model import PixelBert, PixelBertConfig, copy_weights, make_optimizers
+
+
+@dataclass
+class Config:
+    """Pixel-BERT pre-training (MLM + ITM). Defaults are the paper's recipe for --data coco_vg."""
+    data: str = "demo"  # demo | coco (Karpathy train+restval) | coco2014 | vg | coco_vg
+    data_root: str = "data/demo"
+    model: str = "r50"  # tiny | r50 | x152
+    bert: str = ""  # Hugging Face BERT folder or file to initialise the Transformer (bert-base-uncased)
+    cnn: str = ""  # torchvision ResNet/ResNeXt .pth to initialise the CNN
+    init: str = ""  # a Pixel-BERT checkpoint to start from instead
+    vocab: str = ""  # WordPiece vocab.txt; default: the --bert folder's, else <data-root>/vocab.txt
+    out_dir: str = "runs/pretrain"
+    # batch and schedule: 4096 pairs, 40 epochs, lr / 10 at epochs 25 and 35 (paper 4.1)
+    batch_size: int = 32  # pairs per process and micro-step; accumulation fills the global batch
+    global_batch: int = 4096
+    epochs: float = 40
+    max_steps: int = 0  # stop after this many steps (0: all epochs)
+    lr_milestones: str = "25,35"  # epochs
+    lr: float = 1e-4  # AdamW, Transformer and heads
+    weight_decay: float = 1e-2
+    cnn_lr: float = 1e-2  # SGD, CNN
+    cnn_weight_decay: float = 5e-4
+    cnn_momentum: float = 0.9
+    cnn_optimizer: str = "sgd"  # sgd (paper, ImageNet-initialised CNN) | adamw (a CNN trained from scratch)
+    warmup_steps: int = 1000  # linear warm-up from warmup_start x lr (not given in the paper)
+    warmup_start: float = 1 / 3
+    grad_clip: float = 10.0  # on the global gradient norm; 0 disables (not given in the paper)
+    # data
+    image_min_size: int = 800
+    image_max_size: int = 1333
+    max_text_len: int = 40
+    pixel_samples: int = 100  # pixel random sampling; 0 keeps every pixel token
+    tasks: str = "mlm,itm"  # pre-training objectives (the paper's ablation drops one or the other)
+    mask_prob: float = 0.15
+    itm_neg_prob: float = 0.5
+    mlm_on_negatives: bool = False
+    captions_per_image: int = 1  # pairs sharing one CNN pass; 1 is the paper's setting (SOHO uses 4)
+    group_aspect: bool = True  # batch landscape and portrait images separately (less padding)
+    num_workers: int = 6
+    # model
+    dropout: float = 0.1
+    visual_layernorm: bool = False  # LayerNorm + dropout on pixel tokens (not in the paper)
+    # precision and device
+    dtype: str = "bf16"  # bf16 | fp16 | fp32
+    device: str = ""  # default: cuda if available, else cpu
+    compile: bool = False
+    channels_last: bool = True  # NHWC convolutions in the CNN (faster with bf16 on GPUs and AMX CPUs)
+    # logging, evaluation, checkpoints
+    log_every: int = 50
+    eval_every: int = 2000  # steps; 0: at the end only
+    eval_pairs: int = 5000  # held-out pairs for MLM / ITM accuracy (Karpathy val captions)
+    ckpt_every: int = 2000
+    keep_checkpoints: int = 3
+    resume: bool = False
+    seed: int = 0
+
+
+# The built-in demo: the tiny model from scratch on the rendered shapes corpus, sized for a laptop CPU.
+# A CNN trained from scratch needs AdamW (SGD leaves it almost untouched), and eight captions share
+# each CNN pass: the CNN is ~95% of the tiny model's compute, and an image seen with matched and
+# mismatched captions in one batch teaches ITM much faster (measured: 82% vs 78% held-out ITM).
+PRESETS = {"demo": dict(model="tiny", image_min_size=128, image_max_size=192, batch_size=256, global_batch=256,
+                        captions_per_image=8, epochs=34, lr_milestones="29", lr=1e-3, cnn_lr=1e-3,
+                        cnn_optimizer="adamw", warmup_steps=50, dropout=0.0, num_workers=1, log_every=20,
+                        eval_every=0, eval_pairs=2000, ckpt_every=500, out_dir="runs/demo_pretrain")}
+
+EVAL_EPOCH = 1_000_000  # the (fixed) epoch number that seeds held-out masking and negatives
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, PRESETS, argv)
+    ddp = common.setup_distributed(cfg.device)
+    common.print0(f"config: {asdict(cfg)}")
+    torch.manual_seed(cfg.seed + ddp.rank)
+    dataset = "coco_vg" if cfg.data == "demo" else cfg.data  # the demo corpus is written in these formats
+    accum, rem = divmod(cfg.global_batch, cfg.batch_size * ddp.world_size)
+    if rem or accum == 0:
+        raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} "
+                         f"x {ddp.world_size} processes")
+    images_per_batch, rem = divmod(cfg.batch_size, cfg.captions_per_image)
+    if rem:
+        raise SystemExit(f"--batch-size {cfg.batch_size} is not a multiple of --captions-per-image "
+                         f"{cfg.captions_per_image}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # ---- data. Rank 0 renders the demo corpus and builds the cached caption indexes while the
+    # other processes wait at the barrier; then they read what rank 0 wrote.
+    if ddp.world_size > 1 and not ddp.is_main:
+        torch.distributed.barrier()
+    if cfg.data == "demo":
+        from synthetic import ensure_demo_corpus
+        ensure_demo_corpus(cfg.data_root)
+    vocab = cfg.vocab or (os.path.join(cfg.bert, "vocab.txt") if os.path.isdir(cfg.bert) else
+                          os.path.join(cfg.data_root, "vocab.txt"))
+    tokenizer = data.Tokenizer(vocab, cfg.max_text_len)
+    train_index, val_index = (data.caption_index(dataset, cfg.data_root, split, tokenizer) for split in ("train", "val"))
+    if ddp.world_size > 1 and ddp.is_main:
+        torch.distributed.barrier()
+
+    tasks = set(cfg.tasks.split(","))
+    if not tasks or not tasks <= {"mlm", "itm"}:
+        raise SystemExit(f"--tasks {cfg.tasks}: choose mlm, itm or mlm,itm")
+
+    def pairs(index, captions_per_image):
+        return data.PretrainPairs(index, tokenizer, cfg.image_min_size, cfg.image_max_size, cfg.seed,
+                                  cfg.itm_neg_prob if "itm" in tasks else 0.0,
+                                  cfg.mask_prob if "mlm" in tasks else 0.0, cfg.mlm_on_negatives, captions_per_image)
+
+    # An epoch is one pass over the pairs: with k captions per image, 1/k as many images.
+    sizes = train_index.image_sizes[train_index.caption_image]  # (N, 2) width, height of each pair's image
+    sampler = data.MicroBatchSampler(len(train_index), images_per_batch, ddp.world_size, ddp.rank, accum, cfg.seed,
+                                     group_ids=(sizes[:, 0] >= sizes[:, 1]).astype(int) if cfg.group_aspect else None,
+                                     epoch_size=len(train_index) // cfg.captions_per_image)
+    loader_args = dict(collate_fn=data.collate, num_workers=cfg.num_workers, pin_memory=ddp.device.type == "cuda",
+                       persistent_workers=cfg.num_workers > 0)
+    loader = torch.utils.data.DataLoader(pairs(train_index, cfg.captions_per_image), batch_sampler=sampler,
+                                         **loader_args)
+    # Held-out pairs: Karpathy-val captions, cycled with a fresh (seeded) draw of negatives and
+    # masks on each pass when --eval-pairs exceeds them, so small validation sets still give a
+    # steady figure. The same pairs at every evaluation.
+    eval_keys = [(EVAL_EPOCH + k // len(val_index), k % len(val_index)) for k in range(cfg.eval_pairs)]
+    eval_keys = eval_keys[ddp.rank:: ddp.world_size]
+    eval_loader = torch.utils.data.DataLoader(pairs(val_index, 1), batch_size=cfg.batch_size,
+                                              sampler=eval_keys, **{**loader_args, "persistent_workers": False})
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = int(cfg.epochs * steps_per_epoch)
+    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    milestones = [int(float(m) * steps_per_epoch) for m in cfg.lr_milestones.split(",") if m]
+    common.print0(f"data: {len(train_index):,} training pairs on {len(train_index.image_paths):,} images, "
+                  f"{len(val_index):,} held-out pairs | global batch {cfg.global_batch} = {cfg.batch_size} per "
+                  f"process x {accum} accumulation x {ddp.world_size} processes | {steps_per_epoch} steps/epoch, "
+                  f"{total_steps} steps, lr / 10 at steps {milestones}")
+
+    # ---- model
+    presets = {"tiny": PixelBertConfig.tiny, "r50": PixelBertConfig.r50, "x152": PixelBertConfig.x152}
+    model_cfg = presets[cfg.model](vocab_size=tokenizer.vocab_size, dropout=cfg.dropout, heads=("mlm", "itm"),
+                                   visual_layernorm=cfg.visual_layernorm)
+    raw_model = PixelBert(model_cfg)
+    if cfg.init:
+        common.print0(copy_weights(raw_model, common.load_checkpoint(cfg.init)["model"], cfg.init))
+    if cfg.bert:
+        common.print0(raw_model.load_bert(cfg.bert))
+    if cfg.cnn:
+        common.print0(raw_model.load_cnn(cfg.cnn))
+    raw_model.to(ddp.device)
+    if cfg.channels_last:
+        raw_model.cnn.to(memory_format=torch.channels_last)
+    optimizers = make_optimizers(raw_model, cfg.cnn_lr, cfg.cnn_momentum, cfg.cnn_weight_decay, cfg.lr,
+                                 cfg.weight_decay, fused=ddp.device.type == "cuda" or None,
+                                 cnn_optimizer=cfg.cnn_optimizer)
+    scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
+    step = 0
+    checkpoints = common.step_checkpoints(cfg.out_dir)
+    if cfg.resume:
+        if not checkpoints:
+            raise SystemExit(f"--resume: no checkpoint in {cfg.out_dir}")
+        state = common.load_checkpoint(checkpoints[-1])
+        raw_model.load_state_dict(state["model"])
+        for opt, opt_state in zip(optimizers, state["optimizers"]):
+            if opt is not None:
+                opt.load_state_dict(opt_state)
+        scaler.load_state_dict(state["scaler"])
+        common.set_rng_state(state["rng"])
+        step = state["step"]
+        common.print0(f"resumed from {checkpoints[-1]} at step {step}")
+    model = DDP(raw_model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None) \
+        if ddp.world_size > 1 else raw_model
+    if cfg.compile:
+        model = torch.compile(model)
+    common.print0(f"model: {cfg.model}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
+
+    def checkpoint_state():
+        return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() if o else None for o in optimizers],
+                "scaler": scaler.state_dict(), "step": step, "rng": common.rng_state(), "config": asdict(cfg),
+                "model_config": asdict(model_cfg), "vocab": tokenizer.vocab_tokens(), "task": "pretrain"}
+
+    def to_device(batch):
+        batch = {k: v.to(ddp.device, non_blocking=True) for k, v in batch.items()}
+        batch["images"] = data.normalize_images(batch["images"])
+        if cfg.channels_last:
+            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def losses(batch, num_masked, num_pairs):
+        """Summed MLM and ITM losses of one micro-batch, each divided by its count over the whole
+        global batch (every process, every micro-step), so accumulation and the number of
+        processes do not change the loss being optimised."""
+        with common.autocast(ddp.device, cfg.dtype):
+            hidden, pooled = model(batch["mlm_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
+                                   image_index=batch["image_index"], sample_pixel_count=cfg.pixel_samples or None)
+            labels = batch["mlm_labels"]
+            masked = labels != data.IGNORE
+            mlm_logits = raw_model.mlm_logits(hidden[:, : labels.shape[1]][masked])
+            itm_logits = raw_model.itm_head(pooled)
+        mlm = F.cross_entropy(mlm_logits.float(), labels[masked], reduction="sum") / num_masked.clamp(min=1)
+        itm = F.cross_entropy(itm_logits.float(), batch["itm_labels"], reduction="sum") / num_pairs
+        # A dropped objective still joins the graph with weight 0, so every parameter gets a
+        # (zero) gradient and DDP's all-reduce sees the same parameters on every step.
+        return mlm * ("mlm" in tasks), itm * ("itm" in tasks)
+
+    @torch.no_grad()
+    def evaluate():
+        """Held-out MLM accuracy on matched pairs, and ITM accuracy on unmasked captions, with
+        the baselines they must beat: always predicting the most frequent masked token, and
+        always predicting the more frequent ITM class."""
+        model.eval()
+        counts = torch.zeros(4, device=ddp.device)  # mlm correct, itm correct, itm positives, pairs
+        label_hist = torch.zeros(tokenizer.vocab_size, device=ddp.device)
+        for batch in eval_loader:
+            batch = to_device(batch)
+            with common.autocast(ddp.device, cfg.dtype):
+                pixels = raw_model.encode_image(batch["images"], batch["image_mask"])  # one CNN pass, two texts
+                hidden, _ = raw_model(batch["mlm_ids"], batch["text_mask"], pixels=pixels)
+                labels = batch["mlm_labels"]
+                masked = labels != data.IGNORE
+                predicted = raw_model.mlm_logits(hidden[:, : labels.shape[1]][masked]).argmax(-1)
+                _, pooled = raw_model(batch["input_ids"], batch["text_mask"], pixels=pixels)
+                itm_predicted = raw_model.itm_head(pooled).argmax(-1)
+            counts += torch.stack([(predicted == labels[masked]).sum(), (itm_predicted == batch["itm_labels"]).sum(),
+                                   batch["itm_labels"].sum(), labels.new_tensor(len(labels))]).float()
+            label_hist += torch.bincount(labels[masked], minlength=tokenizer.vocab_size).float()
+        common.all_reduce_sum(counts)
+        common.all_reduce_sum(label_hist)
+        model.train()
+        n_masked, n_pairs = max(label_hist.sum().item(), 1), counts[3].item()
+        positives = counts[2].item() / n_pairs
+        return {"mlm_acc": counts[0].item() / n_masked, "mlm_baseline": label_hist.max().item() / n_masked,
+                "itm_acc": counts[1].item() / n_pairs, "itm_baseline": max(positives, 1 - positives)}
+
+    # ---- training loop
+    log = common.MetricLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ddp.is_main)
+    if ddp.is_main:
+        common.write_json(os.path.join(cfg.out_dir, "config.json"), {"config": asdict(cfg), "model": asdict(model_cfg)})
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, dynamic_ncols=True)
+    t_last, step_last = time.time(), step
+    while step < total_steps:
+        epoch, first = divmod(step, steps_per_epoch)
+        sampler.set_position(epoch, first)
+        micro_batches = iter(loader)
+        for _ in range(first, steps_per_epoch):
+            micro = [to_device(next(micro_batches)) for _ in range(accum)]
+            counts = torch.tensor([sum((b["mlm_labels"] != data.IGNORE).sum().item() for b in micro),
+                                   sum(len(b["itm_labels"]) for b in micro)], device=ddp.device)
+            common.all_reduce_sum(counts)
+            common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
+            totals = torch.zeros(2, device=ddp.device)
+            for i, batch in enumerate(micro):
+                # Only the last micro-step all-reduces gradients; the others accumulate locally.
+                sync = i == accum - 1 or not isinstance(model, DDP)
+                with model.no_sync() if not sync else nullcontext():
+                    mlm, itm = losses(batch, counts[0], counts[1])
+                    scaler.scale((mlm + itm) * ddp.world_size).backward()
+                totals += torch.stack([mlm.detach(), itm.detach()])
+            common.all_reduce_sum(totals)
+            if not torch.isfinite(totals).all():
+                last = common.step_checkpoints(cfg.out_dir)
+                raise SystemExit(f"step {step}: the loss is {totals.tolist()}; stopping. Last good checkpoint: "
+                                 f"{last[-1] if last else 'none'}")
+            grad_norm = common.optimizer_step(optimizers, scaler, raw_model.parameters(), cfg.grad_clip)
+            step += 1
+            bar.update()
+            if step % cfg.log_every == 0 or step == total_steps:
+                rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
+                t_last, step_last = time.time(), step
+                lr = optimizers[-1].param_groups[0]["lr"]
+                bar.set_postfix(mlm=f"{totals[0]:.3f}", itm=f"{totals[1]:.3f}", lr=f"{lr:.2e}", pairs_s=f"{rate:.1f}")
+                log.write(step=step, epoch=step / steps_per_epoch, mlm_loss=totals[0].item(), itm_loss=totals[1].item(),
+                          lr=lr, grad_norm=grad_norm.item(), pairs_per_s=rate)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                metrics = evaluate()
+                if ddp.is_main:
+                    bar.write(f"step {step}: {metrics}")
+                log.write(step=step, **metrics)
+            if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps):
+                common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
+            if step >= total_steps:
+                break
+    bar.close()
+
+    # ---- final held-out evaluation
+    metrics = evaluate()
+    log.write(step=step, final=True, **metrics)
+    common.print0(f"held-out MLM accuracy {metrics['mlm_acc']:.3f} (most-frequent-token baseline "
+                  f"{metrics['mlm_baseline']:.3f}) | ITM accuracy {metrics['itm_acc']:.3f} (majority baseline "
+                  f"{metrics['itm_baseline']:.3f})")
+    if ddp.is_main:
+        final = {k: v for k, v in checkpoint_state().items() if k not in ("optimizers", "scaler", "rng")}
+        common.save_checkpoint(final, os.path.join(cfg.out_dir, "final.pt"))
+        common.print0(f"saved {os.path.join(cfg.out_dir, 'final.pt')}")
+    if ddp.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
