@@ -116,6 +116,17 @@ def load_image(path):
     return img.convert("RGB")
 
 
+def image_size(path):
+    """(width, height) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found; check --data-root and the folder layout in the README") from None
+    except (OSError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot read the image header ({e}); re-download it or remove its records") from None
+
+
 def resize_image(img, min_size, max_size):
     """Scale so the shorter side is min_size, unless that makes the longer side exceed
     max_size (paper: 800 / 1333 for ResNet-50, 600 / 1000 for ResNeXt-152); aspect kept."""
@@ -254,7 +265,7 @@ class CaptionIndex:
         if not keep.any():
             raise DataError(f"{root}: no non-empty captions found")
         kept = [p for p, k in zip(pieces, keep) if k]
-        sizes = [e.size or Image.open(os.path.join(root, e.path)).size for e in entries]  # reads headers only
+        sizes = [e.size or image_size(os.path.join(root, e.path)) for e in entries]
         arrays = {
             "image_paths": np.array([e.path for e in entries]),
             "image_sizes": np.array(sizes, dtype=np.int32).reshape(-1, 2),

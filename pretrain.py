@@ -85,7 +85,7 @@ class Config:
 # each CNN pass: the CNN is ~95% of the tiny model's compute, and an image seen with matched and
 # mismatched captions in one batch teaches ITM much faster (measured: 82% vs 78% held-out ITM).
 PRESETS = {"demo": dict(model="tiny", image_min_size=128, image_max_size=192, batch_size=256, global_batch=256,
-                        captions_per_image=8, epochs=34, lr_milestones="29", lr=1e-3, cnn_lr=1e-3,
+                        captions_per_image=8, epochs=44, lr_milestones="38", lr=1e-3, cnn_lr=1e-3,
                         cnn_optimizer="adamw", warmup_steps=50, dropout=0.0, num_workers=1, log_every=20,
                         eval_every=0, eval_pairs=2000, ckpt_every=500, out_dir="runs/demo_pretrain")}
 

@@ -142,6 +142,12 @@ def test_caption_index_cached_and_rebuilt(root, tmp_path):
     assert rebuilt.folder != index.folder and len(rebuilt) == len(index) + 1
 
 
+def test_missing_image_named_when_indexing(root):
+    os.remove(os.path.join(root, "coco/val2014/COCO_val2014_000000000002.jpg"))
+    with pytest.raises(data.DataError, match="COCO_val2014_000000000002.jpg: image file not found"):
+        data.caption_index("coco", root, "train", data.Tokenizer(os.path.join(root, "vocab.txt")))
+
+
 def test_empty_captions_dropped(root):
     path = os.path.join(root, "coco/dataset_coco.json")
     d = json.load(open(path))

@@ -81,3 +81,14 @@ def test_missing_data_names_the_download(tmp_path):
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\n")
     with pytest.raises(Exception, match="dataset_coco.json is missing. Get Karpathy's splits"):
         pretrain.main(small_run_args(str(tmp_path), str(tmp_path / "out")))
+
+
+@pytest.mark.slow
+def test_demo_recipe_learns_to_ground(tmp_path):
+    """The demo's own recipe on the full demo corpus, cut to 800 steps (~3 minutes on 2 cores):
+    held-out ITM must leave chance, which it only can by matching words to image regions."""
+    root = str(synthetic.ensure_demo_corpus(tmp_path / "demo"))
+    metrics = pretrain.main(["--data-root", root, "--max-steps", "800", "--out-dir", str(tmp_path / "run"),
+                             "--eval-pairs", "1000"])
+    assert metrics["mlm_acc"] > 3 * metrics["mlm_baseline"]
+    assert metrics["itm_acc"] > metrics["itm_baseline"] + 0.1, metrics
