@@ -1,7 +1,7 @@
 """
 The few helpers every training script shares: torchrun setup, print0, dataclass -> argparse,
-the learning-rate schedule, one optimiser step, checkpoints and the metric log. The training
-loops themselves are written out in each script.
+the learning-rate schedule, one optimiser step, building / resuming / wrapping the model,
+checkpoints and the metric log. The training loops themselves are written out in each script.
 """
 
 import argparse
@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import normalize_images
+from model import PixelBert, PixelBertConfig, copy_weights
 
 # -----------------------------------------------------------------------------
 # Processes and devices
@@ -119,6 +123,71 @@ def optimizer_step(optimizers, scaler, parameters, grad_clip):
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return norm
+
+
+# -----------------------------------------------------------------------------
+# The model of a run: built, initialised, resumed, wrapped
+
+
+def build_model(cfg, heads, vocab_size, num_answers=0):
+    """PixelBert for a script's config, with a report of what was loaded and what stayed new.
+    From --init, the trunk's architecture is the checkpoint's own (only the heads and dropout
+    are this run's); otherwise it is the --model preset with the script's visual-embedding
+    flags, optionally initialised from --bert and --cnn."""
+    if cfg.init:
+        state = load_checkpoint(cfg.init)
+        model_cfg = PixelBertConfig(**{**state["model_config"], "heads": heads, "num_answers": num_answers,
+                                       "dropout": cfg.dropout})
+        model = PixelBert(model_cfg)
+        print0(copy_weights(model, state["model"], cfg.init))
+        return model
+    presets = {"tiny": PixelBertConfig.tiny, "r50": PixelBertConfig.r50, "x152": PixelBertConfig.x152}
+    if cfg.model not in presets:
+        raise SystemExit(f"--model {cfg.model}: choose one of {', '.join(presets)}")
+    model = PixelBert(presets[cfg.model](vocab_size=vocab_size, dropout=cfg.dropout, heads=heads,
+                                         num_answers=num_answers, pixel_pool=cfg.pixel_pool,
+                                         visual_layernorm=cfg.visual_layernorm, visual_position=cfg.visual_position))
+    if cfg.bert:
+        print0(model.load_bert(cfg.bert))
+    if cfg.cnn:
+        print0(model.load_cnn(cfg.cnn))
+    return model
+
+
+def resume(out_dir, model, optimizers, scaler):
+    """Load the newest step checkpoint of the run folder into model, optimisers and scaler,
+    restore the RNG; returns the checkpoint (its "step" is where to continue)."""
+    checkpoints = step_checkpoints(out_dir)
+    if not checkpoints:
+        raise SystemExit(f"--resume: no checkpoint in {out_dir}")
+    state = load_checkpoint(checkpoints[-1])
+    model.load_state_dict(state["model"])
+    for opt, opt_state in zip(optimizers, state["optimizers"]):
+        if opt is not None:
+            opt.load_state_dict(opt_state)
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    print0(f"resumed from {checkpoints[-1]} at step {state['step']}")
+    return state
+
+
+def wrap_model(model, ddp, compile=False):
+    """DistributedDataParallel across processes, then torch.compile if asked. Keep the raw
+    module for saving, evaluation and the heads."""
+    if ddp.world_size > 1:
+        model = DDP(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None)
+    return torch.compile(model) if compile else model
+
+
+def batch_to_device(batch, device, channels_last):
+    """Tensors to the device; images from uint8 to ImageNet-normalised floats there (a quarter
+    of the bytes cross the bus), in channels-last layout if asked."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if "images" in batch:
+        batch["images"] = normalize_images(batch["images"])
+        if channels_last:
+            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+    return batch
 
 
 # -----------------------------------------------------------------------------

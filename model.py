@@ -50,6 +50,7 @@ class PixelBertConfig:
     norm: str = "frozen"  # BatchNorm: "frozen" (fixed ImageNet statistics), "batch" or "sync"
     frozen_stages: int = 0  # 0: train all; 1: freeze the stem; 2: stem + layer1; ... (detectron2's FREEZE_AT)
     # Visual embedding (paper 3.2); the two extras are not in the paper and are off by default
+    pixel_pool: int = 2  # max-pool of the stride-32 map (paper: 2x2; 1 keeps every cell)
     visual_layernorm: bool = False  # LayerNorm + dropout on the pixel tokens
     visual_position: bool = False  # learned row + column embeddings for the pixel grid
     max_pixel_grid: int = 32  # rows/columns the position table covers (1333 / 64 -> 21)
@@ -64,6 +65,7 @@ class PixelBertConfig:
         assert ("vqa" in self.heads) == (self.num_answers > 0), "the vqa head needs num_answers > 0"
         assert self.cnn_depth in RESNET_LAYERS, f"cnn_depth must be one of {sorted(RESNET_LAYERS)}"
         assert self.norm in ("frozen", "batch", "sync"), "norm must be frozen, batch or sync"
+        assert self.pixel_pool >= 1, "pixel_pool must be >= 1"
         assert self.hidden_size % self.num_heads == 0, "hidden_size must divide into num_heads"
 
     @classmethod
@@ -338,7 +340,7 @@ class MLMHead(nn.Module):
 # -----------------------------------------------------------------------------
 # Pixel features (paper 3.2) and pixel random sampling (paper 3.3)
 
-PIXEL_STRIDE = 64  # stride-32 feature map, then a 2x2 max-pool
+CNN_STRIDE = 32  # the ResNet's output stride; a pixel token covers CNN_STRIDE * pixel_pool pixels
 
 
 class VisualEmbedding(nn.Module):
@@ -350,6 +352,7 @@ class VisualEmbedding(nn.Module):
         super().__init__()
         # The paper's figure shows a conv here without its size; we pool first, then project
         # 2048 -> hidden with a 1x1 conv (as the authors' follow-up SOHO), 4x cheaper than the reverse.
+        self.pool = c.pixel_pool
         self.proj = nn.Conv2d(in_channels, c.hidden_size, 1)
         self.type_embedding = nn.Parameter(torch.zeros(c.hidden_size))  # s_v
         if c.visual_position:
@@ -359,8 +362,8 @@ class VisualEmbedding(nn.Module):
             self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
             self.dropout = nn.Dropout(c.dropout)
 
-    def forward(self, fmap):  # (B, C, h, w) stride-32 map -> (B, K, H), K = ceil(h/2) * ceil(w/2)
-        x = self.proj(F.max_pool2d(fmap, 2, ceil_mode=True))  # (B, H, h', w')
+    def forward(self, fmap):  # (B, C, h, w) stride-32 map -> (B, K, H), K = ceil(h/pool) * ceil(w/pool)
+        x = self.proj(F.max_pool2d(fmap, self.pool, ceil_mode=True))  # (B, H, h', w')
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2) + self.type_embedding  # (B, K, H), raster order
         if hasattr(self, "row_embeddings"):
@@ -437,9 +440,10 @@ class PixelBert(nn.Module):
         # Padding is zero whatever the collate wrote, so padded pixels cannot leak into features.
         images = images * image_mask[:, None].to(images.dtype)
         tokens = self.visual(self.cnn(images))
-        # A pixel token covers a 64x64 cell; it is real if the cell's top-left pixel is real
-        # (the real image is a top-left rectangle, so that means the cell overlaps it).
-        pixel_mask = image_mask[:, ::PIXEL_STRIDE, ::PIXEL_STRIDE].flatten(1)  # (B, K)
+        # A pixel token covers a 64x64 cell (32x32 without pooling); it is real if the cell's
+        # top-left pixel is real (the real image is a top-left rectangle, so the cell overlaps it).
+        stride = CNN_STRIDE * self.config.pixel_pool
+        pixel_mask = image_mask[:, ::stride, ::stride].flatten(1)  # (B, K)
         assert pixel_mask.shape == tokens.shape[:2], "image_mask does not match the images"
         return tokens, pixel_mask
 

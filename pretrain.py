@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import common
 import data
-from model import PixelBert, PixelBertConfig, copy_weights, make_optimizers
+from model import make_optimizers
 
 
 @dataclass
@@ -64,7 +64,10 @@ class Config:
     num_workers: int = 6
     # model
     dropout: float = 0.1
+    # visual embedding (paper 3.2); ignored with --init, whose checkpoint fixes the architecture
+    pixel_pool: int = 2  # max-pool of the stride-32 feature map (paper: 2)
     visual_layernorm: bool = False  # LayerNorm + dropout on pixel tokens (not in the paper)
+    visual_position: bool = False  # learned 2-D position embeddings of pixel tokens (not in the paper)
     # precision and device
     dtype: str = "bf16"  # bf16 | fp16 | fp32
     device: str = ""  # default: cuda if available, else cpu
@@ -157,41 +160,16 @@ def main(argv=None):
                   f"{total_steps} steps, lr / 10 at steps {milestones}")
 
     # ---- model
-    presets = {"tiny": PixelBertConfig.tiny, "r50": PixelBertConfig.r50, "x152": PixelBertConfig.x152}
-    model_cfg = presets[cfg.model](vocab_size=tokenizer.vocab_size, dropout=cfg.dropout, heads=("mlm", "itm"),
-                                   visual_layernorm=cfg.visual_layernorm)
-    raw_model = PixelBert(model_cfg)
-    if cfg.init:
-        common.print0(copy_weights(raw_model, common.load_checkpoint(cfg.init)["model"], cfg.init))
-    if cfg.bert:
-        common.print0(raw_model.load_bert(cfg.bert))
-    if cfg.cnn:
-        common.print0(raw_model.load_cnn(cfg.cnn))
-    raw_model.to(ddp.device)
+    raw_model = common.build_model(cfg, ("mlm", "itm"), tokenizer.vocab_size).to(ddp.device)
+    model_cfg = raw_model.config
     if cfg.channels_last:
         raw_model.cnn.to(memory_format=torch.channels_last)
     optimizers = make_optimizers(raw_model, cfg.cnn_lr, cfg.cnn_momentum, cfg.cnn_weight_decay, cfg.lr,
                                  cfg.weight_decay, fused=ddp.device.type == "cuda" or None,
                                  cnn_optimizer=cfg.cnn_optimizer)
     scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
-    step = 0
-    checkpoints = common.step_checkpoints(cfg.out_dir)
-    if cfg.resume:
-        if not checkpoints:
-            raise SystemExit(f"--resume: no checkpoint in {cfg.out_dir}")
-        state = common.load_checkpoint(checkpoints[-1])
-        raw_model.load_state_dict(state["model"])
-        for opt, opt_state in zip(optimizers, state["optimizers"]):
-            if opt is not None:
-                opt.load_state_dict(opt_state)
-        scaler.load_state_dict(state["scaler"])
-        common.set_rng_state(state["rng"])
-        step = state["step"]
-        common.print0(f"resumed from {checkpoints[-1]} at step {step}")
-    model = DDP(raw_model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None) \
-        if ddp.world_size > 1 else raw_model
-    if cfg.compile:
-        model = torch.compile(model)
+    step = common.resume(cfg.out_dir, raw_model, optimizers, scaler)["step"] if cfg.resume else 0
+    model = common.wrap_model(raw_model, ddp, cfg.compile)
     common.print0(f"model: {cfg.model}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
 
     def checkpoint_state():
@@ -200,11 +178,7 @@ def main(argv=None):
                 "model_config": asdict(model_cfg), "vocab": tokenizer.vocab_tokens(), "task": "pretrain"}
 
     def to_device(batch):
-        batch = {k: v.to(ddp.device, non_blocking=True) for k, v in batch.items()}
-        batch["images"] = data.normalize_images(batch["images"])
-        if cfg.channels_last:
-            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
-        return batch
+        return common.batch_to_device(batch, ddp.device, cfg.channels_last)
 
     def losses(batch, num_masked, num_pairs):
         """Summed MLM and ITM losses of one micro-batch, each divided by its count over the whole

@@ -132,17 +132,18 @@ def tiny_model(**kw):
     return PixelBert(PixelBertConfig.tiny(**small_bert_config(**kw)))
 
 
-def test_padding_never_reaches_real_positions():
-    model = tiny_model().eval()
+@pytest.mark.parametrize("pool, counts", [(2, [12, 4]), (1, [40, 16])])  # 3x4 or 6x8 pixel tokens
+def test_padding_never_reaches_real_positions(pool, counts):
+    model = tiny_model(pixel_pool=pool).eval()
     ids, text_mask = padded_batch(lengths=(9, 4), T=9)
     images = torch.randn(2, 3, 192, 256)
     image_mask = torch.zeros(2, 192, 256, dtype=torch.bool)
-    image_mask[0, :150, :256] = True  # 3x4 pixel tokens, all real
-    image_mask[1, :100, :120] = True  # 2x2 real pixel tokens of 3x4
+    image_mask[0, :150, :256] = True  # pool 2: 3x4 pixel tokens, all real; pool 1: 5x8 of 6x8
+    image_mask[1, :100, :120] = True  # pool 2: 2x2 real; pool 1: 4x4
     with torch.no_grad():
         hidden, pooled = model(ids, text_mask, images, image_mask)
         tokens, pixel_mask = model.encode_image(images, image_mask)
-        assert pixel_mask.sum(1).tolist() == [12, 4]
+        assert pixel_mask.sum(1).tolist() == counts
         # change padded text ids, padded image pixels, and (separately) padded pixel tokens
         ids2 = ids.masked_fill(~text_mask, 7)
         images2 = torch.where(image_mask[:, None], images, torch.randn_like(images) * 5)
