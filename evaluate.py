@@ -1,0 +1,272 @@
+"""
+Metrics as importable functions, and a command line that evaluates checkpoints.
+
+    python evaluate.py vqa --checkpoint runs/demo_vqa/best.pt --data-root data/demo --split minival
+    python evaluate.py vqa --checkpoint CKPT --data-root ROOT --split test-dev   # writes a submission file
+    python evaluate.py vqa-score --predictions P.json --questions Q.json --annotations A.json
+
+VQA accuracy is computed exactly as the official evaluation tool computes it (GT-Vision-Lab/VQA,
+PythonEvaluationTools/vqaEvaluation/vqaEval.py), quirks included, so that our numbers and the
+server's agree: a prediction is cleaned (punctuation, number words, articles, contractions); the
+ten human answers only get the punctuation step, and only when they disagree; accuracy is
+min(1, matches / 3) averaged over the ten leave-one-out subsets of the human answers.
+
+The metric part needs only the standard library (data.py builds VQA soft targets with it);
+the checkpoint-evaluation part imports torch, data.py and model.py when it runs.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+
+# -----------------------------------------------------------------------------
+# The official VQA answer processing (the tables are the official tool's, unchanged)
+
+# Keys are as the official tool has them; those with capitals can never match (words are lower-cased
+# first), and "somebody'd" maps to "somebodyd": kept, because the point is to agree with the tool.
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+# The official pattern reads as if it meant "a period not between digits", but "(?!<=\d)" is a
+# look-ahead for the text "<=" + digit, so in effect: any period not followed by a digit.
+PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+# The tool passes re.UNICODE (= 32) where re.sub expects its `count`: at most 32 periods go.
+PERIOD_STRIP_COUNT = int(re.UNICODE)
+
+
+def process_punctuation(text):
+    """Delete a punctuation mark where it touches a space (or anywhere, if the text has a
+    digit,digit comma), otherwise replace it by a space; then drop periods not before a digit."""
+    out = text
+    delete_all = COMMA_STRIP.search(text) is not None
+    for p in PUNCTUATION:
+        out = out.replace(p, "" if delete_all or p + " " in text or " " + p in text else " ")
+    return PERIOD_STRIP.sub("", out, count=PERIOD_STRIP_COUNT)
+
+
+def process_digit_article(text):
+    """Lower-case, number words -> digits, drop articles, restore contractions' apostrophes."""
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def normalize_answer(answer):
+    """A predicted answer as the official tool compares it. Also how answer vocabularies are
+    built: every candidate answer is in this form."""
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    return process_digit_article(process_punctuation(answer))
+
+
+def vqa_accuracy(prediction, human_answers):
+    """The official accuracy of one prediction (already normalised) against the annotation's
+    `answers` list (dicts with at least "answer"): the mean over leave-one-out subsets of
+    min(1, matches / 3). With 10 annotators, n matching gives 0, 0.3, 0.6, 0.9, 1.0 for n = 0..>=4."""
+    texts = [a["answer"] for a in human_answers]
+    if len(set(texts)) > 1:
+        texts = [process_punctuation(t) for t in texts]
+    records = [{**a, "answer": t} for a, t in zip(human_answers, texts)]
+    total = 0.0
+    for held_out in records:
+        # The tool leaves out every record equal to this one (not just this one), so identical
+        # records leave out together; in real annotations answer_id tells them apart.
+        matches = sum(1 for r in records if r != held_out and r["answer"] == prediction)
+        total += min(1, float(matches) / 3)
+    return total / len(records)
+
+
+# -----------------------------------------------------------------------------
+# Scoring a predictions file
+
+
+class EvaluationError(ValueError):
+    """Predictions that cannot be scored. The message names the file and the entry."""
+
+
+def check_predictions(predictions, question_ids, where):
+    """A list of {"question_id": int, "answer": str} with exactly one entry per question.
+    Returns {question_id: answer}."""
+    if not isinstance(predictions, list):
+        raise EvaluationError(f"{where}: expected a JSON list of {{\"question_id\": int, \"answer\": str}} objects")
+    answers = {}
+    for i, p in enumerate(predictions):
+        if not (isinstance(p, dict) and isinstance(p.get("question_id"), int)
+                and not isinstance(p.get("question_id"), bool) and isinstance(p.get("answer"), str)):
+            raise EvaluationError(f"{where}: entry {i} is not {{\"question_id\": int, \"answer\": str}}: {str(p)[:100]}")
+        if p["question_id"] in answers:
+            raise EvaluationError(f"{where}: question_id {p['question_id']} is answered twice (entries "
+                                  f"{[j for j, q in enumerate(predictions) if q.get('question_id') == p['question_id']]})")
+        answers[p["question_id"]] = p["answer"]
+    missing = [q for q in question_ids if q not in answers]
+    wanted = set(question_ids)
+    extra = [q for q in answers if q not in wanted]
+    if missing or extra:
+        raise EvaluationError(f"{where}: the predictions must answer every question of the split and nothing else; "
+                              f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} not in the split "
+                              f"(e.g. {extra[:5]})")
+    return answers
+
+
+def vqa_score(predictions, annotations, where="predictions", digits=2):
+    """Official VQA accuracy of `predictions` (the submission list format) against the
+    `annotations` list of an official annotations file, in percent: overall, perAnswerType and
+    perQuestionType, rounded as the tool rounds them. Sums run in annotation order, as the
+    tool's do, so even the last digit agrees."""
+    answers = check_predictions(predictions, [a["question_id"] for a in annotations], where)
+    overall, per_answer_type, per_question_type = [], {}, {}
+    for ann in annotations:
+        acc = vqa_accuracy(normalize_answer(answers[ann["question_id"]]), ann["answers"])
+        overall.append(acc)
+        per_answer_type.setdefault(ann["answer_type"], []).append(acc)
+        per_question_type.setdefault(ann["question_type"], []).append(acc)
+
+    def percent(accs):
+        return round(100 * float(sum(accs)) / len(accs), digits)
+    return {"overall": percent(overall),
+            "perAnswerType": {k: percent(v) for k, v in per_answer_type.items()},
+            "perQuestionType": {k: percent(v) for k, v in per_question_type.items()}}
+
+
+def read_json_file(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: {what} file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvaluationError(f"{path}: not a valid JSON {what} file ({e})") from None
+
+
+def score_files(predictions_path, questions_path, annotations_path):
+    """vqa-score: official accuracy of a predictions file against official question and
+    annotation files (the annotations decide which questions are scored, as in the tool)."""
+    questions = read_json_file(questions_path, "VQA questions").get("questions", [])
+    annotations = read_json_file(annotations_path, "VQA annotations").get("annotations")
+    if not isinstance(annotations, list):
+        raise EvaluationError(f"{annotations_path}: no annotations[] list; is it a v2_mscoco_*_annotations.json?")
+    asked = {q.get("question_id") for q in questions}
+    unasked = [a["question_id"] for a in annotations if a["question_id"] not in asked]
+    if unasked:
+        raise EvaluationError(f"{annotations_path}: {len(unasked)} annotated questions (e.g. {unasked[:3]}) are not in "
+                              f"{questions_path}; the two files must be of the same split")
+    return vqa_score(read_json_file(predictions_path, "predictions"), annotations, predictions_path)
+
+
+# -----------------------------------------------------------------------------
+# Evaluating a fine-tuned VQA checkpoint
+
+
+def evaluate_vqa_checkpoint(checkpoint, data_root, split, out=None, batch_size=32, num_workers=2, device="",
+                            dtype="bf16", minival_images=5000, ans2label=None):
+    """Predict every question of `split` with the checkpoint's own answer vocabulary. Splits
+    with answers (val, minival, train...) return the official accuracy; test-dev and test write
+    the submission file (every test2015 question) to `out` and return its path."""
+    import torch
+
+    import common
+    import data
+    from finetune_vqa import eval_loader, predict
+    from model import PixelBert, PixelBertConfig
+
+    state = common.load_checkpoint(checkpoint)
+    if state.get("task") != "vqa" or "answers" not in state:
+        raise EvaluationError(f"{checkpoint}: not a VQA checkpoint (task {state.get('task')!r}); "
+                              f"use best.pt or final.pt from a finetune_vqa.py run")
+    answers, model_cfg = state["answers"], PixelBertConfig(**state["model_config"])
+    if len(answers) != model_cfg.num_answers:
+        raise EvaluationError(f"{checkpoint}: {len(answers)} answers saved for a head of {model_cfg.num_answers}")
+    if ans2label is not None:
+        given = sorted(read_json_file(ans2label, "answer map").items(), key=lambda kv: kv[1])
+        if [a for a, _ in given] != answers:
+            raise EvaluationError(f"{ans2label} does not match the answer vocabulary saved in {checkpoint}; "
+                                  f"use the ans2label.json of the run that wrote this checkpoint")
+    ddp = common.setup_distributed(device)
+    model = PixelBert(model_cfg)
+    model.load_state_dict(state["model"])
+    model.to(ddp.device).to(memory_format=torch.channels_last)
+    tokenizer = data.Tokenizer(state["vocab"], state["config"]["max_text_len"])
+    questions, annotations = data.read_vqa(data_root, split, minival_images)
+    sizes = state["config"]["image_min_size"], state["config"]["image_max_size"]
+    dataset = data.VQAQuestions(data_root, questions, annotations, tokenizer, {a: i for i, a in enumerate(answers)},
+                                *sizes, questions_per_image=0)
+    predictions = predict(model, eval_loader(dataset, batch_size, ddp, num_workers), answers, ddp, dtype)
+    if annotations:
+        return vqa_score(predictions, annotations, f"{split} predictions")
+    out = out or os.path.join(os.path.dirname(checkpoint), f"vqa_{split}_submission.json")
+    if ddp.is_main:
+        order = {q["question_id"]: i for i, q in enumerate(questions)}
+        predictions.sort(key=lambda p: order[p["question_id"]])
+        check_predictions(predictions, list(order), out)  # every test2015 question, once
+        with open(out, "w") as f:
+            json.dump(predictions, f)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate Pixel-BERT checkpoints or score prediction files.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    vqa = commands.add_parser("vqa", help="evaluate a finetune_vqa.py checkpoint, or write a test submission")
+    vqa.add_argument("--checkpoint", required=True)
+    vqa.add_argument("--data-root", required=True)
+    vqa.add_argument("--split", default="minival", choices=["train", "val", "minival", "trainval", "test-dev", "test"])
+    vqa.add_argument("--out", help="submission file for test-dev/test (default: beside the checkpoint)")
+    vqa.add_argument("--ans2label", help="an ans2label.json that must match the checkpoint's answers")
+    vqa.add_argument("--minival-images", type=int, default=5000)
+    vqa.add_argument("--batch-size", type=int, default=32, help="images per batch (all their questions)")
+    vqa.add_argument("--num-workers", type=int, default=2)
+    vqa.add_argument("--device", default="")
+    vqa.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    score = commands.add_parser("vqa-score", help="official VQA accuracy of a predictions file")
+    score.add_argument("--predictions", required=True)
+    score.add_argument("--questions", required=True)
+    score.add_argument("--annotations", required=True)
+    args = parser.parse_args(argv)
+    from data import DataError  # here, not at the top: data.py imports this module's metric
+    try:
+        if args.command == "vqa-score":
+            result = score_files(args.predictions, args.questions, args.annotations)
+        else:
+            result = evaluate_vqa_checkpoint(args.checkpoint, args.data_root, args.split, args.out, args.batch_size,
+                                             args.num_workers, args.device, args.dtype, args.minival_images,
+                                             args.ans2label)
+            result = result if isinstance(result, dict) else {"submission": result}
+    except (EvaluationError, DataError) as e:
+        sys.exit(f"error: {e}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
