@@ -1,7 +1,7 @@
 """
 Data for Pixel-BERT: the WordPiece tokenizer, image decoding and resizing, padded batches with
 masks, MLM masking and ITM negatives (paper 3.4), the readers of the official annotation files
-(COCO captions, Visual Genome; PAPER.md section 5), and the training sampler.
+(COCO captions, Visual Genome, VQA v2; PAPER.md section 5), and the training sampler.
 
 Large caption sets (Visual Genome has over 5M region phrases) are tokenised once into a few
 flat numpy arrays cached next to the data and memory-mapped, so DataLoader workers share them
@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from evaluate import normalize_answer, vqa_accuracy  # the official VQA answer processing
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD_MULTIPLE = 64  # pixel tokens cover 64x64 cells (stride 32 + 2x2 pool): no partial cells
@@ -31,6 +33,13 @@ DOWNLOADS = {
     "coco/val2014": "val2014.zip from https://cocodataset.org/#download",
     "vg/region_descriptions.json": "region_descriptions.json.zip (v1.2) from https://homes.cs.washington.edu/~ranjay/visualgenome/api.html",
     "vg/image_data.json": "image_data.json.zip (v1.2) from https://homes.cs.washington.edu/~ranjay/visualgenome/api.html",
+    "coco/test2015": "test2015.zip from https://cocodataset.org/#download",
+    "vqa/v2_OpenEnded_mscoco_train2014_questions.json": "v2_Questions_Train_mscoco.zip from https://visualqa.org/download.html",
+    "vqa/v2_OpenEnded_mscoco_val2014_questions.json": "v2_Questions_Val_mscoco.zip from https://visualqa.org/download.html",
+    "vqa/v2_OpenEnded_mscoco_test2015_questions.json": "v2_Questions_Test_mscoco.zip from https://visualqa.org/download.html",
+    "vqa/v2_OpenEnded_mscoco_test-dev2015_questions.json": "v2_Questions_Test_mscoco.zip from https://visualqa.org/download.html",
+    "vqa/v2_mscoco_train2014_annotations.json": "v2_Annotations_Train_mscoco.zip from https://visualqa.org/download.html",
+    "vqa/v2_mscoco_val2014_annotations.json": "v2_Annotations_Val_mscoco.zip from https://visualqa.org/download.html",
 }
 
 
@@ -48,10 +57,15 @@ class Tokenizer:
     BERT's pre-tokeniser (whitespace and punctuation), WordPiece, then [CLS] ... [SEP]."""
 
     def __init__(self, vocab_path, max_length=40):
+        """vocab_path: a vocab.txt, or the list of tokens itself (as checkpoints store it)."""
         from tokenizers import Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers, processors
-        if not os.path.isfile(vocab_path):
+        if isinstance(vocab_path, (list, tuple)):
+            wordpiece, vocab_path = models.WordPiece({t: i for i, t in enumerate(vocab_path)}, unk_token="[UNK]"), None
+        elif os.path.isfile(vocab_path):
+            wordpiece = models.WordPiece.from_file(vocab_path, unk_token="[UNK]")
+        else:
             raise DataError(f"{vocab_path}: vocabulary file not found (a WordPiece vocab.txt, one token per line)")
-        tok = HFTokenizer(models.WordPiece.from_file(vocab_path, unk_token="[UNK]"))
+        tok = HFTokenizer(wordpiece)
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         self.vocab = tok.get_vocab()
@@ -179,7 +193,9 @@ def collate(items):
         if key == "image":
             continue
         values = [it[key] for it in items]
-        if isinstance(values[0], (list, tuple, np.ndarray)):  # a sequence per example
+        if isinstance(values[0], torch.Tensor):  # fixed-size vectors, e.g. VQA soft targets
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], (list, tuple, np.ndarray)):  # a sequence per example
             batch[key] = pad_sequences(values, IGNORE if key.endswith("_labels") else 0)
         else:
             batch[key] = torch.as_tensor(values)
@@ -473,6 +489,164 @@ class PretrainPairs(torch.utils.data.Dataset):
             mlm_labels[:] = IGNORE
         return {"input_ids": ids, "mlm_ids": mlm_ids.tolist(), "mlm_labels": mlm_labels.tolist(),
                 "itm_labels": int(matched)}
+
+
+# -----------------------------------------------------------------------------
+# VQA v2 (paper 4.2): questions, the answer vocabulary and soft targets
+
+VQA_SPLITS = {  # split -> question/annotation files; answers to the test questions are withheld
+    "train": ["train2014"], "val": ["val2014"], "trainval": ["train2014", "val2014"], "minival": ["val2014"],
+    "test-dev": ["test2015"], "test": ["test2015"],  # test-dev is a part of test2015; see read_vqa
+}
+
+
+def vqa_minival_images(val_image_ids, count):
+    """The held-out minival: `count` val2014 images (at most a fifth of them) drawn by a fixed
+    seed from the sorted ids, so every run and every script agrees on it without a file."""
+    ids = np.array(sorted(set(val_image_ids)))
+    count = min(count, len(ids) // 5)
+    return set(np.random.default_rng(0).permutation(ids)[:count].tolist())
+
+
+def vqa_image_path(root, subset, image_id):
+    """coco/{subset}/COCO_{subset}_{id:012d}.jpg, or .png with the same base name (subset:
+    train2014, val2014 or test2015)."""
+    base = f"coco/{subset}/COCO_{subset}_{image_id:012d}"
+    for ext in (".jpg", ".png"):
+        if os.path.exists(os.path.join(root, base + ext)):
+            return base + ext
+    require(root, f"coco/{subset}")
+    raise DataError(f"{os.path.join(root, base)}.jpg (or .png): image of VQA image_id {image_id} not found; "
+                    f"complete {subset}.zip from https://cocodataset.org/#download")
+
+
+def read_vqa(root, split, minival_images=5000):
+    """The questions of a split and, where they exist, their annotations, each a list of the
+    official records, in file order. minival is held out of val (see vqa_minival_images) and
+    trainval is train + val without it. test-dev and test both return every test2015 question:
+    the evaluation server wants all of them in either phase."""
+    if split not in VQA_SPLITS:
+        raise DataError(f"VQA split {split!r}: choose one of {', '.join(VQA_SPLITS)}")
+    labelled = not split.startswith("test")
+    questions, annotations, subsets = [], [], []
+    for subset in VQA_SPLITS[split]:
+        path = require(root, f"vqa/v2_OpenEnded_mscoco_{subset}_questions.json")
+        records = field(read_json(path), "questions", list, path)
+        for i, q in enumerate(records):
+            where = f"{path}: questions[{i}]"
+            field(q, "question_id", int, where), field(q, "image_id", int, where), field(q, "question", str, where)
+        questions += records
+        subsets += [subset] * len(records)
+    by_question = {}
+    for subset in VQA_SPLITS[split] if labelled else []:
+        path = require(root, f"vqa/v2_mscoco_{subset}_annotations.json")
+        for i, a in enumerate(field(read_json(path), "annotations", list, path)):
+            where = f"{path}: annotations[{i}]"
+            field(a, "question_id", int, where), field(a, "question_type", str, where)
+            field(a, "answer_type", str, where), field(a, "multiple_choice_answer", str, where)
+            for j, h in enumerate(field(a, "answers", list, where)):
+                field(h, "answer", str, f"{where}.answers[{j}]")
+            by_question[a["question_id"]] = a
+    if split in ("trainval", "minival"):
+        held_out = vqa_minival_images([q["image_id"] for q, s in zip(questions, subsets) if s == "val2014"],
+                                      minival_images)
+        in_minival = [s == "val2014" and q["image_id"] in held_out for q, s in zip(questions, subsets)]
+        keep = in_minival if split == "minival" else [not m for m in in_minival]
+        questions = [q for q, k in zip(questions, keep) if k]
+        subsets = [s for s, k in zip(subsets, keep) if k]
+    if labelled:
+        missing = [q["question_id"] for q in questions if q["question_id"] not in by_question]
+        if missing:
+            raise DataError(f"{root}/vqa: {len(missing)} {split} questions have no annotation (e.g. question_id "
+                            f"{missing[0]}); the question and annotation files must come from the same release")
+        annotations = [by_question[q["question_id"]] for q in questions]
+    paths = {}  # image -> path; about five questions share each image
+    for q, s in zip(questions, subsets):
+        if (s, q["image_id"]) not in paths:
+            paths[s, q["image_id"]] = vqa_image_path(root, s, q["image_id"])
+        q["image_path"] = paths[s, q["image_id"]]
+    return questions, annotations
+
+
+def vqa_answer_vocab(annotations, min_count=9):
+    """Answers whose normalised multiple_choice_answer occurs at least min_count times, most
+    frequent first (ties alphabetical). On VQA v2 train + val, min_count 9 gives the standard ~3,129."""
+    counts = {}
+    for a in annotations:
+        answer = normalize_answer(a["multiple_choice_answer"])
+        counts[answer] = counts.get(answer, 0) + 1
+    vocab = sorted((a for a, k in counts.items() if k >= min_count), key=lambda a: (-counts[a], a))
+    if not vocab:
+        raise DataError(f"no answer occurs {min_count} times; lower --min-answer-count")
+    return vocab
+
+
+def vqa_soft_targets(annotation, answer_to_label):
+    """(labels, scores): every vocabulary answer that some annotator gave (normalised), with
+    the official accuracy it would score as a prediction - the paper's soft target."""
+    candidates = {normalize_answer(h["answer"]) for h in annotation["answers"]} & answer_to_label.keys()
+    scored = [(answer_to_label[c], vqa_accuracy(c, annotation["answers"])) for c in sorted(candidates)]
+    return [l for l, s in scored if s > 0], [s for l, s in scored if s > 0]
+
+
+class VQAQuestions(torch.utils.data.Dataset):
+    """Item (epoch, i): the image of question i with `questions_per_image` of its questions
+    (question i, then others of the same image; 1 is the paper's setting; 0 takes all of them,
+    for evaluation, with i the image's first question). Each question comes
+    with its id and, when answers are known, the soft-target vector over the answer vocabulary.
+    Questions are stored as flat numpy arrays, which forked DataLoader workers share for free."""
+
+    def __init__(self, root, questions, annotations, tokenizer, answer_to_label, min_size, max_size, seed=0,
+                 questions_per_image=1):
+        order = sorted(range(len(questions)), key=lambda i: (questions[i]["image_path"], i))  # an image's questions together
+        self.image_paths, question_image = np.unique([questions[i]["image_path"] for i in order], return_inverse=True)
+        self.question_image = question_image.astype(np.int32)
+        self.question_ids = np.array([questions[i]["question_id"] for i in order], dtype=np.int64)
+        pieces = tokenizer.pieces([questions[i]["question"] for i in order])
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
+        self.pieces = np.fromiter((t for p in pieces for t in p), dtype=np.int32)
+        self.num_answers, self.labelled = len(answer_to_label), bool(annotations)
+        if self.labelled:
+            targets = [vqa_soft_targets(annotations[i], answer_to_label) for i in order]
+            self.target_offsets = np.concatenate([[0], np.cumsum([len(l) for l, _ in targets])]).astype(np.int64)
+            self.target_labels = np.fromiter((l for ls, _ in targets for l in ls), dtype=np.int32)
+            self.target_scores = np.fromiter((s for _, ss in targets for s in ss), dtype=np.float32)
+        self.root, self.tok, self.min_size, self.max_size = root, tokenizer, min_size, max_size
+        self.seed, self.questions_per_image = seed, questions_per_image
+
+    def __len__(self):
+        return len(self.question_ids)
+
+    def first_questions(self):
+        """The first question of each image: the keys that cover every question once when
+        questions_per_image is 0."""
+        return np.searchsorted(self.question_image, np.arange(len(self.image_paths)))
+
+    def __getitem__(self, key):
+        epoch, i = key
+        image = int(self.question_image[i])
+        chosen = [i]
+        if self.questions_per_image == 0:
+            chosen = list(range(*np.searchsorted(self.question_image, [image, image + 1])))
+        elif self.questions_per_image > 1:
+            rng = np.random.default_rng([self.seed, epoch, i])
+            first, end = np.searchsorted(self.question_image, [image, image + 1])
+            others = [q for q in range(first, end) if q != i] or [i]
+            more = self.questions_per_image - 1
+            chosen += rng.choice(others, more, replace=len(others) < more).tolist()
+        return {"image": image_tensor(os.path.join(self.root, str(self.image_paths[image])), self.min_size,
+                                      self.max_size),
+                "pairs": [self.question(q) for q in chosen]}
+
+    def question(self, q):
+        item = {"input_ids": self.tok.wrap(self.pieces[self.offsets[q]: self.offsets[q + 1]].tolist()),
+                "question_id": int(self.question_ids[q])}
+        if self.labelled:
+            span = slice(self.target_offsets[q], self.target_offsets[q + 1])
+            targets = torch.zeros(self.num_answers)
+            targets[torch.from_numpy(self.target_labels[span]).long()] = torch.from_numpy(self.target_scores[span])
+            item["targets"] = targets
+        return item
 
 
 class MicroBatchSampler:

@@ -1,0 +1,290 @@
+"""
+Pixel-BERT fine-tuning on VQA 2.0 (paper 4.2): [CLS] -> MLP -> a score per answer of a fixed
+vocabulary, binary cross-entropy against soft targets (each answer's official VQA accuracy
+given the ten human answers).
+
+    python finetune_vqa.py      # demo: fine-tunes runs/demo_pretrain/final.pt (pre-training it first if absent)
+    torchrun --nproc_per_node=8 finetune_vqa.py --data vqa --data-root /datasets \
+        --init runs/pretrain/final.pt --batch-size 32
+
+Reads top to bottom like pretrain.py: config -> processes -> data -> model -> optimisers ->
+loop (with held-out evaluation each epoch, best checkpoint kept) -> final evaluation.
+"""
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+import data
+from evaluate import vqa_score
+from model import make_optimizers
+
+
+@dataclass
+class Config:
+    """Pixel-BERT fine-tuning on VQA 2.0. Defaults are the paper's recipe for --data vqa."""
+    data: str = "demo"  # demo (the built-in corpus) | vqa (the official files under --data-root)
+    data_root: str = "data/demo"
+    model: str = "r50"  # tiny | r50 | x152
+    init: str = ""  # a Pixel-BERT checkpoint (pre-training) to start from
+    bert: str = ""  # or a Hugging Face BERT folder/file ...
+    cnn: str = ""  # ... and a torchvision ResNet/ResNeXt .pth
+    vocab: str = ""  # WordPiece vocab.txt; default: the --bert folder's, else <data-root>/vocab.txt
+    out_dir: str = "runs/vqa"
+    train_split: str = "trainval"  # train | trainval (train + val minus minival: the setting for the test server)
+    eval_split: str = "minival"  # val | minival (held out of val; model selection)
+    minival_images: int = 5000  # val2014 images held out as minival
+    min_answer_count: int = 9  # answer vocabulary: normalised answers seen this often (3,129 on VQA v2)
+    # batch and schedule: 256 questions, 18 epochs, lr / 10 at epochs 12 and 16 (paper 4.2)
+    batch_size: int = 32  # questions per process and micro-step
+    global_batch: int = 256
+    epochs: float = 18
+    max_steps: int = 0
+    lr_milestones: str = "12,16"  # epochs
+    lr: float = 1e-4  # AdamW, Transformer and heads (the pre-training rates)
+    weight_decay: float = 1e-2
+    cnn_lr: float = 1e-2  # SGD, CNN
+    cnn_weight_decay: float = 5e-4
+    cnn_momentum: float = 0.9
+    cnn_optimizer: str = "sgd"  # sgd | adamw
+    warmup_steps: int = 500  # not given in the paper
+    warmup_start: float = 1 / 3
+    grad_clip: float = 10.0
+    # data
+    image_min_size: int = 800
+    image_max_size: int = 1333
+    max_text_len: int = 40
+    questions_per_image: int = 1  # questions sharing one CNN pass; 1 is the paper's setting
+    num_workers: int = 6
+    # model
+    dropout: float = 0.1
+    # visual embedding (paper 3.2); ignored with --init, whose checkpoint fixes the architecture
+    pixel_pool: int = 2  # max-pool of the stride-32 feature map (paper: 2)
+    visual_layernorm: bool = False  # LayerNorm + dropout on pixel tokens (not in the paper)
+    visual_position: bool = False  # learned 2-D position embeddings of pixel tokens (not in the paper)
+    # precision and device
+    dtype: str = "bf16"
+    device: str = ""
+    compile: bool = False
+    channels_last: bool = True
+    # logging, checkpoints
+    log_every: int = 50
+    ckpt_every: int = 2000
+    keep_checkpoints: int = 3
+    resume: bool = False
+    seed: int = 0
+
+
+# The demo: the tiny model pre-trained by `python pretrain.py`, on the demo corpus's VQA files.
+PRESETS = {"demo": dict(model="tiny", init="runs/demo_pretrain/final.pt", image_min_size=128, image_max_size=192,
+                        batch_size=160, global_batch=160, questions_per_image=5, epochs=20, lr_milestones="16",
+                        lr=1e-3, cnn_lr=1e-3, cnn_optimizer="adamw", warmup_steps=30, dropout=0.0,
+                        minival_images=100, min_answer_count=1, num_workers=1, log_every=10, ckpt_every=500,
+                        out_dir="runs/demo_vqa")}
+
+
+def predict(model, loader, answers, ddp, dtype, channels_last=True):
+    """Every question of the loader's dataset -> {"question_id", "answer"} (the submission
+    format), gathered from all processes. The most likely answer of the vocabulary wins."""
+    model.eval()
+    predictions = []
+    with torch.no_grad():
+        for batch in loader:
+            batch = common.batch_to_device(batch, ddp.device, channels_last)
+            with common.autocast(ddp.device, dtype):
+                _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
+                                  image_index=batch["image_index"])
+                best = model.vqa_head(pooled).argmax(-1)
+            predictions += [{"question_id": int(q), "answer": answers[int(a)]}
+                            for q, a in zip(batch["question_id"].tolist(), best.tolist())]
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, predictions)
+        predictions = [p for part in gathered for p in part]
+    return predictions
+
+
+def eval_loader(dataset, images_per_batch, ddp, num_workers):
+    """Each image once with all of its questions; images split across processes."""
+    firsts = dataset.first_questions()[ddp.rank:: ddp.world_size]
+    return torch.utils.data.DataLoader(dataset, batch_size=images_per_batch, sampler=[(0, int(i)) for i in firsts],
+                                       collate_fn=data.collate, num_workers=num_workers)
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, PRESETS, argv)
+    if cfg.data == "demo" and cfg.init and not os.path.exists(cfg.init):
+        import pretrain  # the demo starts from the demo pre-training: run it first
+        common.print0(f"{cfg.init} not found: running the demo pre-training first (python pretrain.py)")
+        pretrain.main([])
+    ddp = common.setup_distributed(cfg.device)
+    common.print0(f"config: {asdict(cfg)}")
+    torch.manual_seed(cfg.seed + ddp.rank)
+    accum, rem = divmod(cfg.global_batch, cfg.batch_size * ddp.world_size)
+    if rem or accum == 0:
+        raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} "
+                         f"x {ddp.world_size} processes")
+    images_per_batch, rem = divmod(cfg.batch_size, cfg.questions_per_image)
+    if rem:
+        raise SystemExit(f"--batch-size {cfg.batch_size} is not a multiple of --questions-per-image "
+                         f"{cfg.questions_per_image}")
+    if cfg.train_split not in ("train", "trainval") or cfg.eval_split not in ("val", "minival"):
+        raise SystemExit("--train-split is train or trainval; --eval-split is val or minival")
+    if cfg.train_split == "trainval" and cfg.eval_split == "val":
+        raise SystemExit("--train-split trainval contains most of val: evaluate on --eval-split minival")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # ---- data: questions, the answer vocabulary (from train + val, as is standard), soft targets
+    init_state = common.load_checkpoint(cfg.init) if cfg.init else {}
+    vocab = cfg.vocab or (os.path.join(cfg.bert, "vocab.txt") if os.path.isdir(cfg.bert) else
+                          os.path.join(cfg.data_root, "vocab.txt"))
+    tokenizer = data.Tokenizer(vocab, cfg.max_text_len)
+    if init_state.get("vocab") not in (None, tokenizer.vocab_tokens()):
+        raise SystemExit(f"{cfg.init} was trained with another WordPiece vocabulary than {vocab}; pass --vocab")
+    train_q, train_a = data.read_vqa(cfg.data_root, cfg.train_split, cfg.minival_images)
+    eval_q, eval_a = data.read_vqa(cfg.data_root, cfg.eval_split, cfg.minival_images)
+    # The vocabulary comes from all of train + val, whichever parts train and select.
+    covered = cfg.train_split == "trainval" or cfg.eval_split == "val"
+    vocab_a = train_a + (eval_a if covered else data.read_vqa(cfg.data_root, "val", cfg.minival_images)[1])
+    answers = data.vqa_answer_vocab(vocab_a, cfg.min_answer_count)
+    check_answer_vocab(answers, init_state.get("answers"), cfg.init)
+    if cfg.resume and os.path.exists(os.path.join(cfg.out_dir, "ans2label.json")):
+        with open(os.path.join(cfg.out_dir, "ans2label.json")) as f:
+            check_answer_vocab(answers, list(json.load(f)), os.path.join(cfg.out_dir, "ans2label.json"))
+    answer_to_label = {a: i for i, a in enumerate(answers)}
+    if ddp.is_main:
+        common.write_json(os.path.join(cfg.out_dir, "ans2label.json"), answer_to_label)
+
+    def questions(qs, anns, per_image):
+        return data.VQAQuestions(cfg.data_root, qs, anns, tokenizer, answer_to_label, cfg.image_min_size,
+                                 cfg.image_max_size, cfg.seed, per_image)
+
+    train_set, eval_set = questions(train_q, train_a, cfg.questions_per_image), questions(eval_q, eval_a, 0)
+    sampler = data.MicroBatchSampler(len(train_set), images_per_batch, ddp.world_size, ddp.rank, accum, cfg.seed,
+                                     epoch_size=len(train_set) // cfg.questions_per_image)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=data.collate,
+                                         num_workers=cfg.num_workers, pin_memory=ddp.device.type == "cuda",
+                                         persistent_workers=cfg.num_workers > 0)
+    held_out = eval_loader(eval_set, images_per_batch, ddp, cfg.num_workers)
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = int(cfg.epochs * steps_per_epoch)
+    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    milestones = [int(float(m) * steps_per_epoch) for m in cfg.lr_milestones.split(",") if m]
+    common.print0(f"data: {len(train_set):,} {cfg.train_split} questions, {len(eval_set):,} {cfg.eval_split} "
+                  f"questions, {len(answers):,} answers (seen >= {cfg.min_answer_count} times) | global batch "
+                  f"{cfg.global_batch} = {cfg.batch_size} per process x {accum} accumulation x {ddp.world_size} "
+                  f"processes | {steps_per_epoch} steps/epoch, {total_steps} steps, lr / 10 at steps {milestones}")
+
+    # ---- model: the trunk from --init (or BERT + CNN weights), a new VQA head
+    raw_model = common.build_model(cfg, ("vqa",), tokenizer.vocab_size, len(answers)).to(ddp.device)
+    if cfg.channels_last:
+        raw_model.cnn.to(memory_format=torch.channels_last)
+    optimizers = make_optimizers(raw_model, cfg.cnn_lr, cfg.cnn_momentum, cfg.cnn_weight_decay, cfg.lr,
+                                 cfg.weight_decay, fused=ddp.device.type == "cuda" or None,
+                                 cnn_optimizer=cfg.cnn_optimizer)
+    scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
+    state = common.resume(cfg.out_dir, raw_model, optimizers, scaler) if cfg.resume else {}
+    step, best = state.get("step", 0), state.get("best", {"overall": -1.0})
+    model = common.wrap_model(raw_model, ddp, cfg.compile)
+    common.print0(f"model: {cfg.model}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
+
+    def checkpoint_state():
+        return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() if o else None for o in optimizers],
+                "scaler": scaler.state_dict(), "step": step, "rng": common.rng_state(), "config": asdict(cfg),
+                "model_config": asdict(raw_model.config), "vocab": tokenizer.vocab_tokens(), "answers": answers,
+                "best": best, "task": "vqa"}
+
+    def evaluate():
+        predictions = predict(raw_model, held_out, answers, ddp, cfg.dtype, cfg.channels_last)
+        model.train()
+        return vqa_score(predictions, eval_a, f"{cfg.eval_split} predictions")
+
+    # ---- training loop
+    log = common.MetricLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ddp.is_main)
+    if ddp.is_main:
+        common.write_json(os.path.join(cfg.out_dir, "config.json"),
+                          {"config": asdict(cfg), "model": asdict(raw_model.config)})
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, dynamic_ncols=True)
+    t_last, step_last = time.time(), step
+    while step < total_steps:
+        epoch, first = divmod(step, steps_per_epoch)
+        sampler.set_position(epoch, first)
+        micro_batches = iter(loader)
+        for _ in range(first, steps_per_epoch):
+            micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last) for _ in range(accum)]
+            num_questions = common.all_reduce_sum(torch.tensor(sum(len(b["question_id"]) for b in micro),
+                                                               device=ddp.device, dtype=torch.float))
+            common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
+            total = torch.zeros((), device=ddp.device)
+            for i, batch in enumerate(micro):
+                sync = i == accum - 1 or not isinstance(model, DDP)
+                with model.no_sync() if not sync else nullcontext():
+                    with common.autocast(ddp.device, cfg.dtype):
+                        _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"],
+                                          batch["image_mask"], image_index=batch["image_index"])
+                        logits = raw_model.vqa_head(pooled)
+                    # binary cross-entropy summed over answers, averaged over the global batch's questions
+                    loss = F.binary_cross_entropy_with_logits(logits.float(), batch["targets"],
+                                                              reduction="sum") / num_questions
+                    scaler.scale(loss * ddp.world_size).backward()
+                total += loss.detach()
+            common.all_reduce_sum(total)
+            if not torch.isfinite(total):
+                last = common.step_checkpoints(cfg.out_dir)
+                raise SystemExit(f"step {step}: the loss is {total.item()}; stopping. Last good checkpoint: "
+                                 f"{last[-1] if last else 'none'}")
+            grad_norm = common.optimizer_step(optimizers, scaler, raw_model.parameters(), cfg.grad_clip)
+            step += 1
+            bar.update()
+            if step % cfg.log_every == 0 or step == total_steps:
+                rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
+                t_last, step_last = time.time(), step
+                lr = optimizers[-1].param_groups[0]["lr"]
+                bar.set_postfix(bce=f"{total:.3f}", lr=f"{lr:.2e}", questions_s=f"{rate:.1f}")
+                log.write(step=step, epoch=step / steps_per_epoch, loss=total.item(), lr=lr,
+                          grad_norm=grad_norm.item(), questions_per_s=rate)
+            if step % steps_per_epoch == 0 or step == total_steps:  # held-out accuracy each epoch; keep the best
+                metrics = evaluate()
+                log.write(step=step, epoch=step / steps_per_epoch, **{cfg.eval_split: metrics})
+                if ddp.is_main:
+                    bar.write(f"epoch {step / steps_per_epoch:.1f}: {cfg.eval_split} accuracy "
+                              f"{metrics['overall']:.2f} {metrics['perAnswerType']}")
+                if metrics["overall"] > best["overall"]:
+                    best = {**metrics, "step": step}
+                    if ddp.is_main:
+                        final = {k: v for k, v in checkpoint_state().items() if k not in ("optimizers", "scaler", "rng")}
+                        common.save_checkpoint(final, os.path.join(cfg.out_dir, "best.pt"))
+            if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps):
+                common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
+            if step >= total_steps:
+                break
+    bar.close()
+
+    common.print0(f"best {cfg.eval_split} VQA accuracy {best['overall']:.2f} at step {best.get('step')} "
+                  f"(per answer type {best.get('perAnswerType')}); saved {os.path.join(cfg.out_dir, 'best.pt')}")
+    if ddp.world_size > 1:
+        dist.destroy_process_group()
+    return best
+
+
+def check_answer_vocab(answers, other, source):
+    """An answer vocabulary saved elsewhere (a checkpoint, a run folder) must be ours exactly:
+    the head's outputs are indexed by it."""
+    if other is not None and list(other) != list(answers):
+        raise SystemExit(f"{source} has another answer vocabulary ({len(other)} answers) than this data gives "
+                         f"({len(answers)}, --min-answer-count and the splits decide it); fine-tune from a "
+                         f"pre-training checkpoint, or use the same data and settings")
+
+
+if __name__ == "__main__":
+    main()

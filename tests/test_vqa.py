@@ -1,0 +1,162 @@
+"""VQA v2: the official files read per split, the answer vocabulary and soft targets, the label
+map's round trip through checkpoints, the submission file, and a short fine-tuning run."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import data
+import evaluate
+import finetune_vqa
+import pretrain
+import synthetic
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("vqa") / "demo", seed=0, scale=0.05))
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus, tmp_path_factory):
+    """A few steps of demo pre-training: a checkpoint in the format finetune_vqa.py starts from."""
+    out = str(tmp_path_factory.mktemp("pre") / "run")
+    pretrain.main([f"--data-root={corpus}", f"--out-dir={out}", "--max-steps=2", "--batch-size=16",
+                   "--global-batch=16", "--captions-per-image=2", "--image-min-size=64", "--image-max-size=96",
+                   "--eval-pairs=16", "--num-workers=0", "--dtype=fp32"])
+    return os.path.join(out, "final.pt")
+
+
+def humans(*answers):
+    return [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]
+
+
+def run_args(corpus, init, out, **overrides):
+    args = dict(data_root=corpus, init=init, out_dir=out, image_min_size=64, image_max_size=96, batch_size=20,
+                global_batch=20, questions_per_image=2, max_steps=4, epochs=2, num_workers=0, dtype="fp32",
+                minival_images=100, log_every=1, seed=0)
+    args.update(overrides)
+    return [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+
+
+def test_splits(corpus):
+    train, train_a = data.read_vqa(corpus, "train")
+    val, val_a = data.read_vqa(corpus, "val")
+    minival, _ = data.read_vqa(corpus, "minival", minival_images=100)
+    trainval, trainval_a = data.read_vqa(corpus, "trainval", minival_images=100)
+    ids = lambda qs: {q["question_id"] for q in qs}  # noqa: E731
+    assert train and val and minival and len(train_a) == len(train) and len(val_a) == len(val)
+    assert ids(minival) < ids(val) and ids(trainval) == ids(train) | (ids(val) - ids(minival))
+    assert not {q["image_id"] for q in minival} & {q["image_id"] for q in trainval}  # held out by image
+    assert [a["question_id"] for a in trainval_a] == [q["question_id"] for q in trainval]
+    test, test_a = data.read_vqa(corpus, "test-dev")
+    with open(os.path.join(corpus, "vqa/v2_OpenEnded_mscoco_test2015_questions.json")) as f:
+        assert ids(test) == ids(json.load(f)["questions"]) and test_a == []  # every test2015 question
+    assert all(os.path.exists(os.path.join(corpus, q["image_path"])) for q in train + test)
+
+
+def test_png_images_and_missing_ones(corpus, tmp_path):
+    import shutil
+    root = tmp_path / "root"
+    shutil.copytree(corpus, root)
+    questions, _ = data.read_vqa(str(root), "val")
+    jpg = root / questions[0]["image_path"]
+    from PIL import Image
+    Image.open(jpg).save(jpg.with_suffix(".png"))
+    os.remove(jpg)
+    again, _ = data.read_vqa(str(root), "val")
+    assert again[0]["image_path"].endswith(".png")
+    os.remove(jpg.with_suffix(".png"))
+    with pytest.raises(data.DataError, match=f"{jpg.name}.*not found"):
+        data.read_vqa(str(root), "val")
+
+
+def test_bad_records_are_named(corpus, tmp_path):
+    import shutil
+    root = tmp_path / "root"
+    shutil.copytree(corpus, root)
+    path = root / "vqa/v2_mscoco_val2014_annotations.json"
+    d = json.loads(path.read_text())
+    del d["annotations"][3]["answers"][2]["answer"]
+    path.write_text(json.dumps(d))
+    with pytest.raises(data.DataError, match=r"annotations\[3\]\.answers\[2\]: field 'answer'"):
+        data.read_vqa(str(root), "val")
+    with pytest.raises(data.DataError, match="choose one of"):
+        data.read_vqa(str(root), "testdev")
+
+
+def test_answer_vocab_and_soft_targets():
+    annotations = [{"multiple_choice_answer": a, "answers": []} for a in ["Two", "2", "yes", "yes", "no", "red."]]
+    vocab = data.vqa_answer_vocab(annotations, min_count=2)
+    assert vocab == ["2", "yes"]  # normalised before counting; ties broken alphabetically
+    answer_to_label = {"2": 0, "yes": 1, "no": 2, "red": 3}
+    ann = {"answers": humans(*["2"] * 2, *["two"] * 3, "yes", *["no"] * 4)}
+    labels, scores = data.vqa_soft_targets(ann, answer_to_label)
+    # "two" normalises to the candidate "2", but only literal "2"s count as matches, as in the official tool
+    assert dict(zip(labels, np.round(scores, 4))) == {0: 0.6, 1: 0.3, 2: 1.0}
+    with pytest.raises(data.DataError, match="lower --min-answer-count"):
+        data.vqa_answer_vocab(annotations, min_count=10)
+
+
+@pytest.mark.slow
+def test_finetune_improves_and_checkpoint_round_trip(corpus, pretrained, tmp_path):
+    out = str(tmp_path / "vqa")
+    start = finetune_vqa.main(run_args(corpus, pretrained, out, max_steps=1, lr=1e-9, cnn_lr=1e-9))
+    best = finetune_vqa.main(run_args(corpus, pretrained, str(tmp_path / "vqa2"), max_steps=0, epochs=6, lr=2e-3,
+                                      cnn_lr=1e-3))
+    assert best["overall"] > start["overall"] + 10, (start, best)
+    state = common.load_checkpoint(os.path.join(out, "best.pt"))
+    with open(os.path.join(out, "ans2label.json")) as f:
+        ans2label = json.load(f)
+    assert state["answers"] == sorted(ans2label, key=ans2label.get) and state["task"] == "vqa"
+    # evaluate.py with the checkpoint's own vocabulary reproduces the run's held-out figure
+    result = evaluate.main(["vqa", f"--checkpoint={os.path.join(out, 'best.pt')}", f"--data-root={corpus}",
+                            "--split=minival", "--minival-images=100", "--num-workers=0", "--dtype=fp32",
+                            f"--ans2label={os.path.join(out, 'ans2label.json')}"])
+    assert result["overall"] == start["overall"]
+    # a label map that is not the checkpoint's is refused
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({a: i for i, a in enumerate(reversed(state["answers"]))}))
+    with pytest.raises(SystemExit, match="does not match the answer vocabulary"):
+        evaluate.main(["vqa", f"--checkpoint={os.path.join(out, 'best.pt')}", f"--data-root={corpus}",
+                       f"--ans2label={wrong}", "--num-workers=0"])
+    # the submission file answers every test2015 question exactly once
+    sub = evaluate.main(["vqa", f"--checkpoint={os.path.join(out, 'best.pt')}", f"--data-root={corpus}",
+                         "--split=test-dev", f"--out={tmp_path / 'sub.json'}", "--num-workers=0", "--dtype=fp32"])
+    with open(sub["submission"]) as f:
+        submission = json.load(f)
+    with open(os.path.join(corpus, "vqa/v2_OpenEnded_mscoco_test2015_questions.json")) as f:
+        test_ids = [q["question_id"] for q in json.load(f)["questions"]]
+    assert [p["question_id"] for p in submission] == test_ids
+    assert all(p["answer"] in state["answers"] for p in submission)
+
+
+def test_mismatched_answer_vocab_refused(corpus, pretrained, tmp_path):
+    out = str(tmp_path / "vqa")
+    finetune_vqa.main(run_args(corpus, pretrained, out, max_steps=1))
+    state = common.load_checkpoint(os.path.join(out, "best.pt"))
+    state["answers"] = state["answers"][::-1]
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="another answer vocabulary"):
+        finetune_vqa.main(run_args(corpus, str(tmp_path / "other.pt"), str(tmp_path / "x"), max_steps=1))
+
+
+def test_vqa_score_cli_reports_missing_questions(corpus, tmp_path):
+    questions = os.path.join(corpus, "vqa/v2_OpenEnded_mscoco_val2014_questions.json")
+    annotations = os.path.join(corpus, "vqa/v2_mscoco_val2014_annotations.json")
+    with open(annotations) as f:
+        anns = json.load(f)["annotations"]
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps([{"question_id": a["question_id"], "answer": a["multiple_choice_answer"]}
+                                 for a in anns]))
+    result = evaluate.main(["vqa-score", f"--predictions={preds}", f"--questions={questions}",
+                            f"--annotations={annotations}"])
+    assert 90 < result["overall"] <= 100 and set(result["perAnswerType"]) == {"yes/no", "number", "other"}
+    preds.write_text(json.dumps([{"question_id": a["question_id"], "answer": "yes"} for a in anns[1:]]))
+    with pytest.raises(SystemExit, match="1 missing"):
+        evaluate.main(["vqa-score", f"--predictions={preds}", f"--questions={questions}",
+                       f"--annotations={annotations}"])
