@@ -125,6 +125,29 @@ def optimizer_step(optimizers, scaler, parameters, grad_clip):
     return norm
 
 
+def train_step(model, micro_batches, loss_fn, optimizers, scaler, parameters, grad_clip, out_dir, step):
+    """One optimiser step of gradient accumulation over a global batch's micro-batches.
+    loss_fn(batch) returns a vector of losses, each already divided by its count over the whole
+    global batch; their sum is back-propagated. Only the last micro-step all-reduces gradients
+    (DDP's no_sync on the others). Returns the losses summed over micro-steps and processes,
+    and the gradient norm; a non-finite loss stops the run, naming the last good checkpoint."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    totals = 0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if world_size > 1 and not last else nullcontext():
+            losses = loss_fn(batch)
+            # DDP averages gradients over processes; the losses are global means already.
+            scaler.scale(losses.sum() * world_size).backward()
+        totals = totals + losses.detach()
+    all_reduce_sum(totals)
+    if not torch.isfinite(totals).all():
+        checkpoints = step_checkpoints(out_dir)
+        raise SystemExit(f"step {step}: the loss is {totals.tolist()}; stopping. Last good checkpoint: "
+                         f"{checkpoints[-1] if checkpoints else 'none'}")
+    return totals, optimizer_step(optimizers, scaler, parameters, grad_clip)
+
+
 # -----------------------------------------------------------------------------
 # The model of a run: built, initialised, resumed, wrapped
 

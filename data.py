@@ -359,7 +359,7 @@ def coco2014_entries(root):
     annotations[] (image_id, caption)."""
     path = require(root, "coco/annotations/captions_train2014.json")
     data = read_json(path)
-    by_id, ids = {}, []
+    by_id = {}
     for i, img in enumerate(field(data, "images", list, path)):
         where = f"{path}: images[{i}]"
         by_id[field(img, "id", int, where)] = ImageEntry(

@@ -188,10 +188,11 @@ def score_files(predictions_path, questions_path, annotations_path):
 
 
 def evaluate_vqa_checkpoint(checkpoint, data_root, split, out=None, batch_size=32, num_workers=2, device="",
-                            dtype="bf16", minival_images=5000, ans2label=None):
+                            dtype="bf16", minival_images=None, ans2label=None):
     """Predict every question of `split` with the checkpoint's own answer vocabulary. Splits
     with answers (val, minival, train...) return the official accuracy; test-dev and test write
-    the submission file (every test2015 question) to `out` and return its path."""
+    the submission file (every test2015 question) to `out` and return its path. minival is
+    the checkpoint's own held-out set unless `minival_images` says otherwise."""
     import torch
 
     import common
@@ -216,6 +217,7 @@ def evaluate_vqa_checkpoint(checkpoint, data_root, split, out=None, batch_size=3
     model.load_state_dict(state["model"])
     model.to(ddp.device).to(memory_format=torch.channels_last)
     tokenizer = data.Tokenizer(state["vocab"], state["config"]["max_text_len"])
+    minival_images = minival_images or state["config"]["minival_images"]
     questions, annotations = data.read_vqa(data_root, split, minival_images)
     sizes = state["config"]["image_min_size"], state["config"]["image_max_size"]
     dataset = data.VQAQuestions(data_root, questions, annotations, tokenizer, {a: i for i, a in enumerate(answers)},
@@ -242,7 +244,7 @@ def main(argv=None):
     vqa.add_argument("--split", default="minival", choices=["train", "val", "minival", "trainval", "test-dev", "test"])
     vqa.add_argument("--out", help="submission file for test-dev/test (default: beside the checkpoint)")
     vqa.add_argument("--ans2label", help="an ans2label.json that must match the checkpoint's answers")
-    vqa.add_argument("--minival-images", type=int, default=5000)
+    vqa.add_argument("--minival-images", type=int, default=None, help="default: the checkpoint's own setting")
     vqa.add_argument("--batch-size", type=int, default=32, help="images per batch (all their questions)")
     vqa.add_argument("--num-workers", type=int, default=2)
     vqa.add_argument("--device", default="")

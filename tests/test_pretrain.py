@@ -92,3 +92,24 @@ def test_demo_recipe_learns_to_ground(tmp_path):
                              "--eval-pairs", "1000"])
     assert metrics["mlm_acc"] > 3 * metrics["mlm_baseline"]
     assert metrics["itm_acc"] > metrics["itm_baseline"] + 0.1, metrics
+
+
+def test_init_checkpoint_fixes_the_architecture(tmp_path):
+    """Fine-tuning from --init builds the checkpoint's own trunk (pool, positions, sizes) whatever
+    the script's flags say, and copies every trunk weight; only the new head stays fresh."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from model import PixelBert, PixelBertConfig
+    torch.manual_seed(0)
+    trained = PixelBert(PixelBertConfig.tiny(vocab_size=50, pixel_pool=1, visual_position=True, num_layers=1))
+    path = str(tmp_path / "pre.pt")
+    common.save_checkpoint({"model": trained.state_dict(), "model_config": asdict(trained.config)}, path)
+    flags = SimpleNamespace(init=path, model="r50", dropout=0.0, pixel_pool=2, visual_position=False,
+                            visual_layernorm=False, bert="", cnn="")
+    model = common.build_model(flags, ("vqa",), 50, num_answers=7)
+    assert (model.config.pixel_pool, model.config.visual_position, model.config.num_layers) == (1, True, 1)
+    assert model.config.heads == ("vqa",) and model.config.num_answers == 7
+    for name, value in trained.state_dict().items():
+        if not name.startswith(("cls.", "itm_head")):
+            assert torch.equal(model.state_dict()[name], value), name
