@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: captions that each pin down more than one fact
 MARKER = "DEMO_CORPUS.json"
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {  # far apart in RGB, so a jittered, JPEG-compressed red never passes for orange
@@ -147,19 +147,31 @@ def pick_diverse(rng, groups, n):
     return picked
 
 
+def plural(word, k):
+    return f"{NUMBERS[k]} {word}s" if k > 1 else f"{article(word)} {word}"
+
+
+def composition(objects):
+    """e.g. "two circles and a triangle": how many of each shape, largest group first."""
+    parts = [plural(s, k) for s, k in sorted(Counter(o["shape"] for o in objects).items(), key=lambda sk: -sk[1])]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def captions(rng, objects):
-    """Five true sentences about one image, as COCO and Flickr30K have five captions per image."""
-    groups = [[describe(o, True), f"there is {describe(o, True)}", f"{describe(o, True)} on a grey background"]
-              for o in objects]
+    """Five true sentences about one image, as COCO and Flickr30K have five captions per image.
+    Each pins down more than one fact (a look and the number of shapes, two looks, a full count,
+    a relation), so a caption of another image is rarely true of this one: ITM's negatives are
+    captions of other images, and "a red circle" alone would be true of one image in seven."""
+    total, others = NUMBERS[len(objects)], len(objects) - 1
+    rest = f"{NUMBERS[others]} other shape{'s' if others > 1 else ''}"
+    groups = [[f"{start}{describe(o, True)} {middle} {rest}" for o in objects
+               for start, middle in (("", "and"), ("there is ", "with"))]]
     pairs = [(a, b) for i, a in enumerate(objects) for b in objects[i + 1:] if describe(a) != describe(b)]
     groups.append([f"{start} {describe(a, True)} and {describe(b, True)}" for a, b in pairs
                    for start in ("a picture with", "an image of")])
-    total = NUMBERS[len(objects)]
-    counts = [f"there are {total} shapes", f"{total} shapes on a grey background"]
+    counts = [f"{total} shapes: {composition(objects)}", f"there are {composition(objects)}"]
     counts += [f"{NUMBERS[k]} {c} {s}s" for (c, s), k in Counter((o["colour"], o["shape"]) for o in objects).items()
                if k > 1]
-    counts += [f"{there}{NUMBERS[k]} {s}s" for s, k in Counter(o["shape"] for o in objects).items() if k > 1
-               for there in ("", "there are ")]
     groups.append(counts)
     groups.append([f"{there}{describe(a, True)} {rel} {describe(b, True)}" for a, rel, b in clear_relations(objects)
                    for there in ("", "there is ")])
