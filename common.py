@@ -125,6 +125,28 @@ def optimizer_step(optimizers, scaler, parameters, grad_clip):
     return norm
 
 
+def schedule(epochs, max_steps, lr_milestones, steps_per_epoch):
+    """Total optimiser steps (--max-steps caps --epochs) and the lr milestones, given in epochs
+    ("25,35"), converted to steps."""
+    total = int(epochs * steps_per_epoch)
+    total = min(total, max_steps) if max_steps else total
+    return total, [int(float(m) * steps_per_epoch) for m in lr_milestones.split(",") if m]
+
+
+def batch_plan(global_batch, batch_size, world_size, texts_per_image, flag):
+    """Accumulation steps and images per micro-batch: global batch = batch_size (texts per
+    process and micro-step) x accumulation x processes, and `texts_per_image` texts share each
+    image (one CNN pass). `flag` names that setting in the error."""
+    accum, rem = divmod(global_batch, batch_size * world_size)
+    if rem or accum == 0:
+        raise SystemExit(f"--global-batch {global_batch} is not a multiple of --batch-size {batch_size} "
+                         f"x {world_size} processes")
+    images, rem = divmod(batch_size, texts_per_image)
+    if rem:
+        raise SystemExit(f"--batch-size {batch_size} is not a multiple of {flag} {texts_per_image}")
+    return accum, images
+
+
 def train_step(model, micro_batches, loss_fn, optimizers, scaler, parameters, grad_clip, out_dir, step):
     """One optimiser step of gradient accumulation over a global batch's micro-batches.
     loss_fn(batch) returns a vector of losses, each already divided by its count over the whole

@@ -128,14 +128,8 @@ def main(argv=None):
     ddp = common.setup_distributed(cfg.device)
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
-    accum, rem = divmod(cfg.global_batch, cfg.batch_size * ddp.world_size)
-    if rem or accum == 0:
-        raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} "
-                         f"x {ddp.world_size} processes")
-    images_per_batch, rem = divmod(cfg.batch_size, cfg.questions_per_image)
-    if rem:
-        raise SystemExit(f"--batch-size {cfg.batch_size} is not a multiple of --questions-per-image "
-                         f"{cfg.questions_per_image}")
+    accum, images_per_batch = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size,
+                                                cfg.questions_per_image, "--questions-per-image")
     if cfg.train_split not in ("train", "trainval") or cfg.eval_split not in ("val", "minival"):
         raise SystemExit("--train-split is train or trainval; --eval-split is val or minival")
     if cfg.train_split == "trainval" and cfg.eval_split == "val":
@@ -175,9 +169,7 @@ def main(argv=None):
                                          persistent_workers=cfg.num_workers > 0)
     held_out = eval_loader(eval_set, images_per_batch, ddp, cfg.num_workers)
     steps_per_epoch = sampler.steps_per_epoch
-    total_steps = int(cfg.epochs * steps_per_epoch)
-    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    milestones = [int(float(m) * steps_per_epoch) for m in cfg.lr_milestones.split(",") if m]
+    total_steps, milestones = common.schedule(cfg.epochs, cfg.max_steps, cfg.lr_milestones, steps_per_epoch)
     common.print0(f"data: {len(train_set):,} {cfg.train_split} questions, {len(eval_set):,} {cfg.eval_split} "
                   f"questions, {len(answers):,} answers (seen >= {cfg.min_answer_count} times) | global batch "
                   f"{cfg.global_batch} = {cfg.batch_size} per process x {accum} accumulation x {ddp.world_size} "

@@ -100,14 +100,8 @@ def main(argv=None):
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
     dataset = "coco_vg" if cfg.data == "demo" else cfg.data  # the demo corpus is written in these formats
-    accum, rem = divmod(cfg.global_batch, cfg.batch_size * ddp.world_size)
-    if rem or accum == 0:
-        raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} "
-                         f"x {ddp.world_size} processes")
-    images_per_batch, rem = divmod(cfg.batch_size, cfg.captions_per_image)
-    if rem:
-        raise SystemExit(f"--batch-size {cfg.batch_size} is not a multiple of --captions-per-image "
-                         f"{cfg.captions_per_image}")
+    accum, images_per_batch = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size,
+                                                cfg.captions_per_image, "--captions-per-image")
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     # ---- data. Rank 0 renders the demo corpus and builds the cached caption indexes while the
@@ -150,9 +144,7 @@ def main(argv=None):
     eval_loader = torch.utils.data.DataLoader(pairs(val_index, 1), batch_size=cfg.batch_size,
                                               sampler=eval_keys, **{**loader_args, "persistent_workers": False})
     steps_per_epoch = sampler.steps_per_epoch
-    total_steps = int(cfg.epochs * steps_per_epoch)
-    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    milestones = [int(float(m) * steps_per_epoch) for m in cfg.lr_milestones.split(",") if m]
+    total_steps, milestones = common.schedule(cfg.epochs, cfg.max_steps, cfg.lr_milestones, steps_per_epoch)
     common.print0(f"data: {len(train_index):,} training pairs on {len(train_index.image_paths):,} images, "
                   f"{len(val_index):,} held-out pairs | global batch {cfg.global_batch} = {cfg.batch_size} per "
                   f"process x {accum} accumulation x {ddp.world_size} processes | {steps_per_epoch} steps/epoch, "
