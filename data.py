@@ -22,7 +22,7 @@ from evaluate import normalize_answer, vqa_accuracy  # the official VQA answer p
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PAD_MULTIPLE = 64  # pixel tokens cover 64x64 cells (stride 32 + 2x2 pool): no partial cells
+PAD_MULTIPLE = 64  # pixel tokens cover 64x64 cells (stride 32 + 2x2 pool; 32x32 unpooled): no partial cells
 IGNORE = -100  # label of positions without an MLM target (F.cross_entropy's ignore_index)
 
 # Where each official file comes from; shown whenever one is missing.
