@@ -113,3 +113,5 @@ def test_init_checkpoint_fixes_the_architecture(tmp_path):
     for name, value in trained.state_dict().items():
         if not name.startswith(("cls.", "itm_head")):
             assert torch.equal(model.state_dict()[name], value), name
+    with pytest.raises(SystemExit, match="pass the --vocab it was trained with"):
+        common.build_model(flags, ("vqa",), 60, num_answers=7)
