@@ -174,13 +174,14 @@ def train_step(model, micro_batches, loss_fn, optimizers, scaler, parameters, gr
 # The model of a run: built, initialised, resumed, wrapped
 
 
-def build_model(cfg, heads, vocab_size, num_answers=0):
+def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
     """PixelBert for a script's config, with a report of what was loaded and what stayed new.
     From --init, the trunk's architecture is the checkpoint's own (only the heads and dropout
     are this run's); otherwise it is the --model preset with the script's visual-embedding
-    flags, optionally initialised from --bert and --cnn."""
+    flags, optionally initialised from --bert and --cnn. `init_state`: the --init checkpoint,
+    if the caller has loaded it already."""
     if cfg.init:
-        state = load_checkpoint(cfg.init)
+        state = init_state or load_checkpoint(cfg.init)
         if state["model_config"]["vocab_size"] != vocab_size:
             raise SystemExit(f"{cfg.init} has {state['model_config']['vocab_size']} word pieces, this run's "
                              f"vocabulary {vocab_size}: pass the --vocab it was trained with")

@@ -625,12 +625,12 @@ class VQAQuestions(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, i = key
         image = int(self.question_image[i])
+        first, end = np.searchsorted(self.question_image, [image, image + 1])  # this image's questions
         chosen = [i]
         if self.questions_per_image == 0:
-            chosen = list(range(*np.searchsorted(self.question_image, [image, image + 1])))
+            chosen = list(range(first, end))
         elif self.questions_per_image > 1:
             rng = np.random.default_rng([self.seed, epoch, i])
-            first, end = np.searchsorted(self.question_image, [image, image + 1])
             others = [q for q in range(first, end) if q != i] or [i]
             more = self.questions_per_image - 1
             chosen += rng.choice(others, more, replace=len(others) < more).tolist()

@@ -176,7 +176,7 @@ def main(argv=None):
                   f"processes | {steps_per_epoch} steps/epoch, {total_steps} steps, lr / 10 at steps {milestones}")
 
     # ---- model: the trunk from --init (or BERT + CNN weights), a new VQA head
-    raw_model = common.build_model(cfg, ("vqa",), tokenizer.vocab_size, len(answers)).to(ddp.device)
+    raw_model = common.build_model(cfg, ("vqa",), tokenizer.vocab_size, len(answers), init_state).to(ddp.device)
     if cfg.channels_last:
         raw_model.cnn.to(memory_format=torch.channels_last)
     optimizers = make_optimizers(raw_model, cfg.cnn_lr, cfg.cnn_momentum, cfg.cnn_weight_decay, cfg.lr,

@@ -168,9 +168,6 @@ def main(argv=None):
                 "scaler": scaler.state_dict(), "step": step, "rng": common.rng_state(), "config": asdict(cfg),
                 "model_config": asdict(model_cfg), "vocab": tokenizer.vocab_tokens(), "task": "pretrain"}
 
-    def to_device(batch):
-        return common.batch_to_device(batch, ddp.device, cfg.channels_last)
-
     def losses(batch, num_masked, num_pairs):
         """Summed MLM and ITM losses of one micro-batch, each divided by its count over the whole
         global batch (every process, every micro-step), so accumulation and the number of
@@ -197,7 +194,7 @@ def main(argv=None):
         counts = torch.zeros(4, device=ddp.device)  # mlm correct, itm correct, itm positives, pairs
         label_hist = torch.zeros(tokenizer.vocab_size, device=ddp.device)
         for batch in eval_loader:
-            batch = to_device(batch)
+            batch = common.batch_to_device(batch, ddp.device, cfg.channels_last)
             with common.autocast(ddp.device, cfg.dtype):
                 pixels = raw_model.encode_image(batch["images"], batch["image_mask"])  # one CNN pass, two texts
                 hidden, _ = raw_model(batch["mlm_ids"], batch["text_mask"], pixels=pixels)
@@ -229,7 +226,8 @@ def main(argv=None):
         sampler.set_position(epoch, first)
         micro_batches = iter(loader)
         for _ in range(first, steps_per_epoch):
-            micro = [to_device(next(micro_batches)) for _ in range(accum)]
+            micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last)
+                     for _ in range(accum)]
             counts = torch.tensor([sum((b["mlm_labels"] != data.IGNORE).sum().item() for b in micro),
                                    sum(len(b["itm_labels"]) for b in micro)], device=ddp.device)
             common.all_reduce_sum(counts)
