@@ -4,6 +4,9 @@ Metrics as importable functions, and a command line that evaluates checkpoints.
     python evaluate.py vqa --checkpoint runs/demo_vqa/best.pt --data-root data/demo --split minival
     python evaluate.py vqa --checkpoint CKPT --data-root ROOT --split test-dev   # writes a submission file
     python evaluate.py vqa-score --predictions P.json --questions Q.json --annotations A.json
+    python evaluate.py match --checkpoint runs/demo_pretrain/final.pt --image IMG --text "a red circle"
+    python evaluate.py ask --checkpoint runs/demo_vqa/best.pt --image IMG --question "what colour is the circle?"
+    python evaluate.py attention --checkpoint CKPT --image IMG --text "..." [--layer 0] [--out map.png]
 
 VQA accuracy is computed exactly as the official evaluation tool computes it (GT-Vision-Lab/VQA,
 PythonEvaluationTools/vqaEvaluation/vqaEval.py), quirks included, so that our numbers and the
@@ -235,6 +238,162 @@ def evaluate_vqa_checkpoint(checkpoint, data_root, split, out=None, batch_size=3
     return out
 
 
+# -----------------------------------------------------------------------------
+# One image and one text: match probability, VQA answers, attention maps (paper Figure 3)
+
+HEAD_SOURCES = {"itm": "a pre-training checkpoint (pretrain.py's final.pt)",
+                "vqa": "a VQA checkpoint (finetune_vqa.py's best.pt)"}
+
+
+def load_for_inference(checkpoint, head=None, device=""):
+    """A checkpoint's model in eval mode on `device`, with its own tokenizer (the vocabulary
+    saved in it). `head` ("itm" or "vqa"), if given, must be one of the model's heads."""
+    import torch
+
+    import common
+    import data
+    from model import PixelBert, PixelBertConfig
+
+    state = common.load_checkpoint(checkpoint)
+    model_cfg = PixelBertConfig(**state["model_config"])
+    if head is not None and head not in model_cfg.heads:
+        raise EvaluationError(f"{checkpoint}: this model's heads are {list(model_cfg.heads)}, not {head!r}; "
+                              f"use {HEAD_SOURCES[head]}")
+    model = PixelBert(model_cfg)
+    model.load_state_dict(state["model"])
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).eval()
+    return model, data.Tokenizer(state["vocab"], state["config"]["max_text_len"]), state, device
+
+
+def image_text_batch(image, text, tokenizer, state, device):
+    """One (image file, text) pair as a batch of one, the image resized as in the checkpoint's
+    training run."""
+    import common
+    import data
+
+    if not text.strip():
+        raise EvaluationError("the text is empty")
+    pixels = data.image_tensor(image, state["config"]["image_min_size"], state["config"]["image_max_size"])
+    batch = data.collate([{"image": pixels, "input_ids": tokenizer.encode(text)}])
+    return common.batch_to_device(batch, device, channels_last=False)
+
+
+def run_pooled(model, batch):
+    import torch
+
+    with torch.no_grad():
+        return model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"])[1]
+
+
+def match_probability(checkpoint, image, text, device=""):
+    """evaluate.py match: ITM's probability that `text` describes `image`."""
+    model, tokenizer, state, device = load_for_inference(checkpoint, "itm", device)
+    pooled = run_pooled(model, image_text_batch(image, text, tokenizer, state, device))
+    probability = model.itm_head(pooled).float().softmax(-1)[0, 1].item()  # classes: 0 mismatched, 1 matched
+    return {"image": image, "text": text, "match_probability": round(probability, 4)}
+
+
+def answer_question(checkpoint, image, question, top=5, device=""):
+    """evaluate.py ask: the `top` answers of a VQA checkpoint's own vocabulary with their scores,
+    the sigmoid of each answer's logit: what the binary cross-entropy trained, an estimate of
+    the answer's VQA accuracy (so the scores need not sum to 1)."""
+    model, tokenizer, state, device = load_for_inference(checkpoint, "vqa", device)
+    pooled = run_pooled(model, image_text_batch(image, question, tokenizer, state, device))
+    best = model.vqa_head(pooled).float().sigmoid()[0].topk(min(top, model.config.num_answers))
+    return {"image": image, "question": question,
+            "answers": [{"answer": state["answers"][i], "score": round(s, 4)}
+                        for s, i in zip(best.values.tolist(), best.indices.tolist())]}
+
+
+def attention_probabilities(attention, x, attn_mask):
+    """What F.scaled_dot_product_attention computes inside a BertSelfAttention but does not
+    return: softmax(q k^T / sqrt(head size)) over the unmasked keys.
+    x (B, L, H) the layer's input, attn_mask (B, 1, 1, L) bool -> (B, heads, L, L), rows sum to 1."""
+    B, L, H = x.shape
+    q, k = (proj(x).float().view(B, L, attention.num_heads, -1).transpose(1, 2)  # (B, nh, L, hs)
+            for proj in (attention.query, attention.key))
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, nh, L, L)
+    return scores.masked_fill(~attn_mask, float("-inf")).softmax(-1)
+
+
+def word_pixel_attention(model, batch, tokenizer, layer=0):
+    """Each word's attention over the image in `layer` (paper Figure 3): the attention rows of
+    its word pieces ([CLS]/[SEP] left out), averaged over heads, restricted to the pixel tokens
+    and renormalised there (each map sums to 1), then averaged over the pieces. Returns
+    (words, maps (n_words, h, w) on the pixel-token grid, pixel_share (n_words,): the part of
+    the attention that went to pixels rather than text)."""
+    import torch
+
+    if not 0 <= layer < model.config.num_layers:
+        raise EvaluationError(f"--layer {layer}: this model has layers 0..{model.config.num_layers - 1}")
+    self_attention, seen = model.bert.encoder.layer[layer].attention.self, {}
+    hook = self_attention.register_forward_pre_hook(lambda module, args: seen.update(x=args[0], mask=args[1]))
+    try:
+        run_pooled(model, batch)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        probs = attention_probabilities(self_attention, seen["x"], seen["mask"])[0].mean(0)  # (L, L)
+    T = batch["input_ids"].shape[1]
+    to_pixels = probs[:T, T:]  # (T, K): text queries, pixel keys
+    tokens, words, rows = tokenizer.vocab_tokens(), [], []
+    for t, token_id in enumerate(batch["input_ids"][0, 1:-1].tolist(), start=1):
+        if tokens[token_id].startswith("##") and words:  # a continuation piece joins its word
+            words[-1] += tokens[token_id][2:]
+            rows[-1].append(t)
+        else:
+            words.append(tokens[token_id])
+            rows.append([t])
+    share = torch.stack([to_pixels[r].sum(-1).mean() for r in rows])
+    maps = torch.stack([(to_pixels[r] / to_pixels[r].sum(-1, keepdim=True)).mean(0) for r in rows])  # (n, K)
+    cell = 32 * model.config.pixel_pool  # image pixels per pixel token side: CNN stride 32, then the pool
+    h, w = (-(-side // cell) for side in batch["images"].shape[-2:])
+    return words, maps.view(len(words), h, w).cpu(), share.cpu()
+
+
+def draw_attention(image, words, maps, share, cell, out):
+    """A PNG sheet: the image as the model saw it, then a panel per word with its map as a red
+    overlay (each scaled to its own maximum), labelled with the word and its pixel share.
+    image: the resized RGB PIL image; maps (n, h, w), each token covering cell x cell pixels."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    W, H = image.size
+    label, columns = 14, min(len(words) + 1, 6)
+    sheet = Image.new("RGB", (columns * W, -(-(len(words) + 1) // columns) * (H + label)), "white")
+    rgb, red = np.asarray(image, dtype=np.float32), np.array([255.0, 0, 0])
+    panels = [("image", image)]
+    for word, heat, s in zip(words, maps.numpy(), share.tolist()):
+        grid = heat.repeat(cell, 0).repeat(cell, 1)[:H, :W]  # the last cells may overhang the image
+        alpha = 0.7 * grid[..., None] / max(grid.max(), 1e-12)
+        panels.append((f"{word} {100 * s:.0f}%", Image.fromarray((rgb * (1 - alpha) + red * alpha).astype(np.uint8))))
+    draw = ImageDraw.Draw(sheet)
+    for i, (text, panel) in enumerate(panels):
+        x, y = (i % columns) * W, (i // columns) * (H + label)
+        sheet.paste(panel, (x, y))
+        draw.text((x + 2, y + H + 1), text, fill="black")
+    sheet.save(out)
+    return out
+
+
+def attention_map(checkpoint, image, text, out=None, layer=0, device=""):
+    """evaluate.py attention: writes the Figure 3 sheet for one image and text to `out`
+    (default: attention_<image name>.png beside the checkpoint) and returns the numbers drawn."""
+    import data
+
+    model, tokenizer, state, device = load_for_inference(checkpoint, None, device)
+    batch = image_text_batch(image, text, tokenizer, state, device)
+    words, maps, share = word_pixel_attention(model, batch, tokenizer, layer)
+    resized = data.resize_image(data.load_image(image), state["config"]["image_min_size"],
+                                state["config"]["image_max_size"])
+    out = out or os.path.join(os.path.dirname(checkpoint),
+                              f"attention_{os.path.splitext(os.path.basename(image))[0]}.png")
+    draw_attention(resized, words, maps, share, 32 * model.config.pixel_pool, out)
+    return {"png": out, "layer": layer,
+            "words": [{"word": w, "pixel_share": round(s, 4)} for w, s in zip(words, share.tolist())]}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate Pixel-BERT checkpoints or score prediction files.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -253,11 +412,28 @@ def main(argv=None):
     score.add_argument("--predictions", required=True)
     score.add_argument("--questions", required=True)
     score.add_argument("--annotations", required=True)
+    for name, needs, help in (("match", "text", "ITM probability that a text describes an image"),
+                              ("ask", "question", "top-5 answers of a VQA checkpoint to a question on an image"),
+                              ("attention", "text", "PNG of each word's attention over the image (paper Figure 3)")):
+        one = commands.add_parser(name, help=help)
+        one.add_argument("--checkpoint", required=True)
+        one.add_argument("--image", required=True, help="any image file")
+        one.add_argument(f"--{needs}", required=True)
+        one.add_argument("--device", default="")
+        if name == "attention":
+            one.add_argument("--layer", type=int, default=0, help="Transformer layer, 0 = the first")
+            one.add_argument("--out", help="PNG path (default: beside the checkpoint)")
     args = parser.parse_args(argv)
     from data import DataError  # here, not at the top: data.py imports this module's metric
     try:
         if args.command == "vqa-score":
             result = score_files(args.predictions, args.questions, args.annotations)
+        elif args.command == "match":
+            result = match_probability(args.checkpoint, args.image, args.text, args.device)
+        elif args.command == "ask":
+            result = answer_question(args.checkpoint, args.image, args.question, device=args.device)
+        elif args.command == "attention":
+            result = attention_map(args.checkpoint, args.image, args.text, args.out, args.layer, args.device)
         else:
             result = evaluate_vqa_checkpoint(args.checkpoint, args.data_root, args.split, args.out, args.batch_size,
                                              args.num_workers, args.device, args.dtype, args.minival_images,
