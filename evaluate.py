@@ -203,14 +203,14 @@ def read_json_lines(path):
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise EvaluationError(f"{path}, line {number}: not UTF-8 text ({e.reason} at byte {e.start}); "
-                                         f"re-download the file") from None
+                                          f"re-download the file") from None
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise EvaluationError(f"{path}, line {number}: not a JSON object ({e.msg}); every line of a JSON "
-                                         f"Lines file is one record") from None
+                                          f"Lines file is one record") from None
                 if not isinstance(record, dict):
                     raise EvaluationError(f"{path}, line {number}: a JSON {type(record).__name__}, not an object")
                 records.append((number, record))
@@ -225,7 +225,7 @@ def check_nlvr2_record(record, where):
     identifier, label = record.get("identifier"), record.get("label")
     if not isinstance(identifier, str) or len(identifier.split("-")) < 4:
         raise EvaluationError(f"{where}: 'identifier' is {identifier!r}, not a string like 'dev-850-0-0' "
-                             f"(split-set-pair-sentence)")
+                              f"(split-set-pair-sentence)")
     if label not in ("True", "False"):
         raise EvaluationError(f"{where} ({identifier}): 'label' is {label!r}, not \"True\" or \"False\"")
 

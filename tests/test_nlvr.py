@@ -237,11 +237,11 @@ def test_checkpoint_evaluation_and_scoring(corpus, pretrained, tmp_path):
 
 def test_resume_continues_exactly(corpus, pretrained, tmp_path):
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    finetune_nlvr.main(run_args(corpus, pretrained, straight, max_steps=3))
-    finetune_nlvr.main(run_args(corpus, pretrained, interrupted, max_steps=2, ckpt_every=1))
-    finetune_nlvr.main(run_args(corpus, pretrained, interrupted, max_steps=3) + ["--resume"])
-    a, b = (common.load_checkpoint(os.path.join(d, "ckpt_00000003.pt")) for d in (straight, interrupted))
-    assert a["step"] == b["step"] == 3
+    finetune_nlvr.main(run_args(corpus, pretrained, straight, max_steps=2))
+    finetune_nlvr.main(run_args(corpus, pretrained, interrupted, max_steps=1))
+    finetune_nlvr.main(run_args(corpus, pretrained, interrupted, max_steps=2) + ["--resume"])
+    a, b = (common.load_checkpoint(os.path.join(d, "ckpt_00000002.pt")) for d in (straight, interrupted))
+    assert a["step"] == b["step"] == 2
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
 
@@ -249,10 +249,9 @@ def test_resume_continues_exactly(corpus, pretrained, tmp_path):
 @pytest.mark.slow
 def test_finetune_learns(corpus, pretrained, tmp_path):
     """Fitting the training examples (scored on them with the official metric) goes far above
-    chance: gradients reach the head, and labels, rows and identifiers line up."""
+    always answering the majority label: gradients reach the head, and labels, rows and
+    identifiers line up."""
     args = dict(eval_split="train", lr=1e-3, cnn_lr=1e-3, cnn_optimizer="adamw", warmup_steps=0, dropout=0.0)
-    start = finetune_nlvr.main(run_args(corpus, pretrained, str(tmp_path / "a"), max_steps=1, lr=1e-9, cnn_lr=1e-9,
-                                        eval_split="train"))
-    out = str(tmp_path / "b")
-    best = finetune_nlvr.main(run_args(corpus, pretrained, out, max_steps=0, epochs=40, ckpt_every=100, **args))
-    assert best["accuracy"] > max(start["accuracy"], 60) + 15, (start, best)
+    best = finetune_nlvr.main(run_args(corpus, pretrained, str(tmp_path / "run"), max_steps=0, epochs=6, **args))
+    majority = finetune_nlvr.majority_baseline(data.read_nlvr2(corpus, "train"))
+    assert best["accuracy"] >= 75 and best["accuracy"] > majority["accuracy"] + 20, (majority, best)
