@@ -1,7 +1,7 @@
 """
 Data for Pixel-BERT: the WordPiece tokenizer, image decoding and resizing, padded batches with
 masks, MLM masking and ITM negatives (paper 3.4), the readers of the official annotation files
-(COCO captions, Visual Genome, VQA v2; PAPER.md section 5), and the training sampler.
+(COCO captions, Visual Genome, VQA v2, NLVR2; PAPER.md section 5), and the training sampler.
 
 Large caption sets (Visual Genome has over 5M region phrases) are tokenised once into a few
 flat numpy arrays cached next to the data and memory-mapped, so DataLoader workers share them
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from evaluate import normalize_answer, vqa_accuracy  # the official VQA answer processing
+from evaluate import EvaluationError, check_nlvr2_record, normalize_answer, read_json_lines, vqa_accuracy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,6 +40,13 @@ DOWNLOADS = {
     "vqa/v2_OpenEnded_mscoco_test-dev2015_questions.json": "v2_Questions_Test_mscoco.zip from https://visualqa.org/download.html",
     "vqa/v2_mscoco_train2014_annotations.json": "v2_Annotations_Train_mscoco.zip from https://visualqa.org/download.html",
     "vqa/v2_mscoco_val2014_annotations.json": "v2_Annotations_Val_mscoco.zip from https://visualqa.org/download.html",
+    "nlvr2/data/train.json": "nlvr2/data/train.json from https://github.com/lil-lab/nlvr",
+    "nlvr2/data/dev.json": "nlvr2/data/dev.json from https://github.com/lil-lab/nlvr",
+    "nlvr2/data/test1.json": "nlvr2/data/test1.json from https://github.com/lil-lab/nlvr",
+    "nlvr2/images/train": "the NLVR2 train images (train_img.zip; request access through the form linked from "
+                          "https://github.com/lil-lab/nlvr/tree/master/nlvr2), unzipped to its 100 numbered folders",
+    "nlvr2/images/dev": "the NLVR2 dev images (dev_img.zip; see https://github.com/lil-lab/nlvr/tree/master/nlvr2)",
+    "nlvr2/images/test1": "the NLVR2 test1 images (test1_img.zip; see https://github.com/lil-lab/nlvr/tree/master/nlvr2)",
 }
 
 
@@ -647,6 +654,81 @@ class VQAQuestions(torch.utils.data.Dataset):
             targets[torch.from_numpy(self.target_labels[span]).long()] = torch.from_numpy(self.target_scores[span])
             item["targets"] = targets
         return item
+
+
+# -----------------------------------------------------------------------------
+# NLVR2 (paper 4.3): a sentence about a pair of images, true or false
+
+NLVR2_SPLITS = ("train", "dev", "test1")
+
+
+def read_nlvr2(root, split):
+    """The records of nlvr2/data/{split}.json (the official JSON Lines file), in file order, each
+    with "left" and "right": its image paths relative to root. An identifier split-set-pair-sentence
+    names the images split-set-pair-img0.png (left) and -img1.png (right), in
+    nlvr2/images/train/{directory}/ for train and nlvr2/images/{split}/ otherwise."""
+    if split not in NLVR2_SPLITS:
+        raise DataError(f"NLVR2 split {split!r}: choose one of {', '.join(NLVR2_SPLITS)}")
+    path = require(root, f"nlvr2/data/{split}.json")
+    try:
+        lines = read_json_lines(path)
+        for number, record in lines:
+            check_nlvr2_record(record, f"{path}, line {number}")
+    except EvaluationError as e:
+        raise DataError(str(e)) from None
+    if not lines:
+        raise DataError(f"{path}: no records; re-download it")
+    folder = f"nlvr2/images/{split}"
+    require(root, folder)
+    records, seen = [], set()
+    for number, record in lines:
+        where = f"{path}, line {number} ({record['identifier']})"
+        if not isinstance(record.get("sentence"), str):
+            raise DataError(f"{where}: field 'sentence' is missing or not a string")
+        if split == "train":
+            directory = record.get("directory")
+            if not isinstance(directory, (int, str)) or isinstance(directory, bool):
+                raise DataError(f"{where}: train records need 'directory' (the image folder's number)")
+            folder = f"nlvr2/images/train/{directory}"
+        stem = record["identifier"].rsplit("-", 1)[0]
+        record = {**record, "left": f"{folder}/{stem}-img0.png", "right": f"{folder}/{stem}-img1.png"}
+        for image in (record["left"], record["right"]):  # a pair of images is shared by its sentences
+            if image not in seen and not os.path.exists(os.path.join(root, image)):
+                raise DataError(f"{os.path.join(root, image)}: image of {where} not found; check --data-root and "
+                                f"the NLVR2 layout in the README")
+            seen.add(image)
+        records.append(record)
+    return records
+
+
+class NLVR2Examples(torch.utils.data.Dataset):
+    """Item i (or (epoch, i), as MicroBatchSampler gives it): example i's two images (left,
+    right), its sentence's token ids, its label (1 = True) and i itself, which names its identifier."""
+
+    def __init__(self, root, records, tokenizer, min_size, max_size):
+        self.root, self.min_size, self.max_size = root, min_size, max_size
+        self.images = [(r["left"], r["right"]) for r in records]
+        self.input_ids = [tokenizer.wrap(p) for p in tokenizer.pieces([r["sentence"] for r in records])]
+        self.labels = [int(r["label"] == "True") for r in records]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        i = key[1] if isinstance(key, tuple) else key
+        return {"images": [image_tensor(os.path.join(self.root, p), self.min_size, self.max_size)
+                           for p in self.images[i]],
+                "input_ids": self.input_ids[i], "label": self.labels[i], "index": i}
+
+
+def collate_nlvr2(items):
+    """B examples -> one batch of 2B (sentence, image) rows for the "pair" setting: row 2b is
+    example b's sentence with its left image, row 2b + 1 with its right one, so the model's
+    pooled output (2B, H) reshapes to (B, 2H) = [left CLS, right CLS]. labels (B,), index (B,)."""
+    batch = collate([{"image": image, "input_ids": it["input_ids"]} for it in items for image in it["images"]])
+    batch["labels"] = torch.tensor([it["label"] for it in items])
+    batch["index"] = torch.tensor([it["index"] for it in items])
+    return batch
 
 
 class MicroBatchSampler:

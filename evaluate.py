@@ -4,6 +4,8 @@ Metrics as importable functions, and a command line that evaluates checkpoints.
     python evaluate.py vqa --checkpoint runs/demo_vqa/best.pt --data-root data/demo --split minival
     python evaluate.py vqa --checkpoint CKPT --data-root ROOT --split test-dev   # writes a submission file
     python evaluate.py vqa-score --predictions P.json --questions Q.json --annotations A.json
+    python evaluate.py nlvr2 --checkpoint runs/demo_nlvr/best.pt --data-root data/demo --split dev
+    python evaluate.py nlvr2-score --predictions P.csv --labels dev.json
     python evaluate.py match --checkpoint runs/demo_pretrain/final.pt --image IMG --text "a red circle"
     python evaluate.py ask --checkpoint runs/demo_vqa/best.pt --image IMG --question "what colour is the circle?"
     python evaluate.py attention --checkpoint CKPT --image IMG --text "..." [--layer 0] [--out map.png]
@@ -13,8 +15,10 @@ PythonEvaluationTools/vqaEvaluation/vqaEval.py), quirks included, so that our nu
 server's agree: a prediction is cleaned (punctuation, number words, articles, contractions); the
 ten human answers only get the punctuation step, and only when they disagree; accuracy is
 min(1, matches / 3) averaged over the ten leave-one-out subsets of the human answers.
+NLVR2 accuracy and consistency are computed as lil-lab/nlvr's nlvr2/eval/metrics.py computes them.
 
-The metric part needs only the standard library (data.py builds VQA soft targets with it);
+The metric part needs only the standard library (data.py builds VQA soft targets and reads
+NLVR2's JSON Lines with it);
 the checkpoint-evaluation part imports torch, data.py and model.py when it runs.
 """
 
@@ -187,6 +191,130 @@ def score_files(predictions_path, questions_path, annotations_path):
 
 
 # -----------------------------------------------------------------------------
+# The official NLVR2 metric (lil-lab/nlvr, nlvr2/eval/metrics.py): accuracy ("precision" in the
+# script's output) and consistency
+
+
+def read_json_lines(path):
+    """[(line number, record dict)] of a JSON Lines file such as NLVR2's train/dev/test1.json,
+    blank lines skipped. Each line is decoded on its own, so an error names the line."""
+    records = []
+    try:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise EvaluationError(f"{path}, line {number}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                                          f"re-download the file") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EvaluationError(f"{path}, line {number}: not a JSON object ({e.msg}); every line of a JSON "
+                                          f"Lines file is one record") from None
+                if not isinstance(record, dict):
+                    raise EvaluationError(f"{path}, line {number}: a JSON {type(record).__name__}, not an object")
+                records.append((number, record))
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: file not found") from None
+    return records
+
+
+def check_nlvr2_record(record, where):
+    """An NLVR2 record needs a string identifier of the form split-set-pair-sentence (the
+    metric groups on its fields) and a label "True" or "False"."""
+    identifier, label = record.get("identifier"), record.get("label")
+    if not isinstance(identifier, str) or len(identifier.split("-")) < 4:
+        raise EvaluationError(f"{where}: 'identifier' is {identifier!r}, not a string like 'dev-850-0-0' "
+                              f"(split-set-pair-sentence)")
+    if label not in ("True", "False"):
+        raise EvaluationError(f"{where} ({identifier}): 'label' is {label!r}, not \"True\" or \"False\"")
+
+
+def nlvr2_group(identifier):
+    """The consistency group of an example, as metrics.py forms it: the identifier with its
+    third field (the image pair) blanked, so 'dev-850-0-1' and 'dev-850-3-1' share the group
+    'dev-850--1': one sentence (set 850, sentence 1) judged on every image pair it was written for."""
+    fields = identifier.split("-")
+    fields[2] = ""
+    return "-".join(fields)
+
+
+def nlvr2_score(predictions, examples, where="predictions", digits=2):
+    """Accuracy and consistency in percent, as lil-lab/nlvr's nlvr2/eval/metrics.py computes them:
+    accuracy over `examples` (records with "identifier" and "label"), comparing case-insensitively;
+    consistency = the fraction of groups (nlvr2_group) whose every example is right.
+    predictions: {identifier: "True" | "False"}; identifiers that are not examples are ignored, as
+    the script ignores them; a missing one is an error listing them (the script lists and stops)."""
+    missing = [e["identifier"] for e in examples if e["identifier"] not in predictions]
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise EvaluationError(f"{where}: {len(missing)} of {len(examples)} examples have no prediction: {shown}")
+    correct, consistent = 0, {}
+    for e in examples:
+        right = predictions[e["identifier"]].lower() == e["label"].lower()
+        correct += right
+        group = nlvr2_group(e["identifier"])
+        consistent[group] = consistent.get(group, True) and right
+
+    def percent(fraction):
+        return 100 * fraction if digits is None else round(100 * fraction, digits)
+    return {"accuracy": percent(correct / len(examples)),
+            "consistency": percent(sum(consistent.values()) / len(consistent)),
+            "examples": len(examples), "groups": len(consistent)}
+
+
+def read_nlvr2_predictions(path):
+    """{identifier: prediction} from the official CSV format, one `identifier,True|False` line per
+    example (metrics.py splits each stripped line on commas and reads the first two fields).
+    A prediction other than true/false (any case), a line without one, or an identifier given
+    twice is an error naming the line: metrics.py would score those silently as wrong or keep
+    the last."""
+    predictions, lines = {}, {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                fields = line.strip().split(",")
+                if len(fields) < 2 or fields[1].lower() not in ("true", "false"):
+                    raise EvaluationError(f"{path}, line {number}: expected 'identifier,True' or 'identifier,False', "
+                                          f"got {line.strip()[:100]!r}")
+                if fields[0] in predictions:
+                    raise EvaluationError(f"{path}: {fields[0]} is predicted twice (lines {lines[fields[0]]} and "
+                                          f"{number})")
+                predictions[fields[0]], lines[fields[0]] = fields[1], number
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: predictions file not found") from None
+    except UnicodeDecodeError as e:
+        raise EvaluationError(f"{path}: not UTF-8 text ({e.reason}); predictions are CSV lines "
+                              f"'identifier,True|False'") from None
+    return predictions
+
+
+def read_nlvr2_labels(path):
+    """The records of an official NLVR2 JSON Lines file (dev.json, test1.json, ...), checked."""
+    records = read_json_lines(path)
+    for number, record in records:
+        check_nlvr2_record(record, f"{path}, line {number}")
+    return [record for _, record in records]
+
+
+def write_nlvr2_predictions(path, predictions):
+    """[(identifier, True|False)] -> the official CSV format, one line each, in the given order."""
+    with open(path, "w") as f:
+        f.writelines(f"{identifier},{bool(value)}\n" for identifier, value in predictions)
+
+
+def score_nlvr2_files(predictions_path, labels_path):
+    """nlvr2-score: the official metric of a predictions CSV against an official JSON Lines file."""
+    examples = read_nlvr2_labels(labels_path)
+    return nlvr2_score(read_nlvr2_predictions(predictions_path), examples, predictions_path)
+
+
+# -----------------------------------------------------------------------------
 # Evaluating a fine-tuned VQA checkpoint
 
 
@@ -236,6 +364,42 @@ def evaluate_vqa_checkpoint(checkpoint, data_root, split, out=None, batch_size=3
         with open(out, "w") as f:
             json.dump(predictions, f)
     return out
+
+
+# -----------------------------------------------------------------------------
+# Evaluating a fine-tuned NLVR2 checkpoint
+
+
+def evaluate_nlvr2_checkpoint(checkpoint, data_root, split, out=None, batch_size=16, num_workers=2, device="",
+                              dtype="bf16"):
+    """Predict every example of `split` (dev or test1, whose labels are public), write the
+    predictions in the official CSV format to `out` (default: beside the checkpoint) and return
+    the official accuracy and consistency with the file's path."""
+    import torch
+
+    import common
+    import data
+    from finetune_nlvr import eval_loader, predict
+    from model import PixelBert, PixelBertConfig
+
+    state = common.load_checkpoint(checkpoint)
+    if state.get("task") != "nlvr":
+        raise EvaluationError(f"{checkpoint}: not an NLVR2 checkpoint (task {state.get('task')!r}); "
+                              f"use best.pt or a ckpt_*.pt from a finetune_nlvr.py run")
+    ddp = common.setup_distributed(device)
+    model = PixelBert(PixelBertConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    model.to(ddp.device).to(memory_format=torch.channels_last)
+    tokenizer = data.Tokenizer(state["vocab"], state["config"]["max_text_len"])
+    records = data.read_nlvr2(data_root, split)
+    dataset = data.NLVR2Examples(data_root, records, tokenizer, state["config"]["image_min_size"],
+                                 state["config"]["image_max_size"])
+    identifiers = [r["identifier"] for r in records]
+    predictions = predict(model, eval_loader(dataset, batch_size, ddp, num_workers), identifiers, ddp, dtype)
+    out = out or os.path.join(os.path.dirname(checkpoint), f"nlvr2_{split}_predictions.csv")
+    if ddp.is_main:
+        write_nlvr2_predictions(out, [(i, predictions[i] == "True") for i in identifiers])
+    return {**nlvr2_score(predictions, records, f"{split} predictions"), "predictions": out}
 
 
 # -----------------------------------------------------------------------------
@@ -412,6 +576,19 @@ def main(argv=None):
     score.add_argument("--predictions", required=True)
     score.add_argument("--questions", required=True)
     score.add_argument("--annotations", required=True)
+    nlvr2 = commands.add_parser("nlvr2", help="evaluate a finetune_nlvr.py checkpoint; writes the predictions CSV")
+    nlvr2.add_argument("--checkpoint", required=True)
+    nlvr2.add_argument("--data-root", required=True)
+    nlvr2.add_argument("--split", default="dev", choices=["dev", "test1"])
+    nlvr2.add_argument("--out", help="predictions CSV (default: nlvr2_<split>_predictions.csv beside the checkpoint)")
+    nlvr2.add_argument("--batch-size", type=int, default=16, help="examples per batch (two images each)")
+    nlvr2.add_argument("--num-workers", type=int, default=2)
+    nlvr2.add_argument("--device", default="")
+    nlvr2.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    nlvr2_score_cli = commands.add_parser("nlvr2-score", help="the official NLVR2 accuracy and consistency of a "
+                                                              "predictions CSV")
+    nlvr2_score_cli.add_argument("--predictions", required=True, help="CSV lines identifier,True|False")
+    nlvr2_score_cli.add_argument("--labels", required=True, help="an official JSON Lines file, e.g. dev.json")
     for name, needs, help in (("match", "text", "ITM probability that a text describes an image"),
                               ("ask", "question", "top-5 answers of a VQA checkpoint to a question on an image"),
                               ("attention", "text", "PNG of each word's attention over the image (paper Figure 3)")):
@@ -434,6 +611,11 @@ def main(argv=None):
             result = answer_question(args.checkpoint, args.image, args.question, device=args.device)
         elif args.command == "attention":
             result = attention_map(args.checkpoint, args.image, args.text, args.out, args.layer, args.device)
+        elif args.command == "nlvr2-score":
+            result = score_nlvr2_files(args.predictions, args.labels)
+        elif args.command == "nlvr2":
+            result = evaluate_nlvr2_checkpoint(args.checkpoint, args.data_root, args.split, args.out, args.batch_size,
+                                               args.num_workers, args.device, args.dtype)
         else:
             result = evaluate_vqa_checkpoint(args.checkpoint, args.data_root, args.split, args.out, args.batch_size,
                                              args.num_workers, args.device, args.dtype, args.minival_images,

@@ -1,0 +1,255 @@
+"""
+Pixel-BERT fine-tuning on NLVR2 (paper 4.3), the "pair" setting of LXMERT/UNITER: a sentence is
+true or false of a pair of images. (sentence, left image) and (sentence, right image) go through
+the model as two rows of one batch; their two [CLS] vectors, concatenated, go through an MLP to
+two logits (false, true), trained with cross-entropy.
+
+    python finetune_nlvr.py     # demo: fine-tunes runs/demo_pretrain/final.pt (pre-training it first if absent)
+    torchrun --nproc_per_node=8 finetune_nlvr.py --data nlvr2 --data-root /datasets \
+        --init runs/pretrain/final.pt --batch-size 16
+
+Reads top to bottom like finetune_vqa.py: config -> processes -> data -> model -> optimisers ->
+loop (dev accuracy and consistency each epoch, best checkpoint kept) -> final evaluation.
+"""
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import data
+from evaluate import nlvr2_score
+from model import make_optimizers
+
+
+@dataclass
+class Config:
+    """Pixel-BERT fine-tuning on NLVR2. Defaults are the paper's recipe for --data nlvr2."""
+    data: str = "demo"  # demo (the built-in corpus) | nlvr2 (the official files under --data-root)
+    data_root: str = "data/demo"
+    model: str = "r50"  # tiny | r50 | x152
+    init: str = ""  # a Pixel-BERT checkpoint (pre-training) to start from
+    bert: str = ""  # or a Hugging Face BERT folder/file ...
+    cnn: str = ""  # ... and a torchvision ResNet/ResNeXt .pth
+    vocab: str = ""  # WordPiece vocab.txt; default: the --bert folder's, else <data-root>/vocab.txt
+    out_dir: str = "runs/nlvr"
+    train_split: str = "train"
+    eval_split: str = "dev"  # dev (model selection; the paper's dev row) | test1 (test-P) | train
+    # batch and schedule: 128 examples, 18 epochs, lr / 10 at epochs 12 and 16 (paper 4.3: VQA's, half the batch)
+    batch_size: int = 16  # examples per process and micro-step (each is two rows: left and right image)
+    global_batch: int = 128
+    epochs: float = 18
+    max_steps: int = 0
+    lr_milestones: str = "12,16"  # epochs
+    lr: float = 1e-4  # AdamW, Transformer and head (the pre-training rates)
+    weight_decay: float = 1e-2
+    cnn_lr: float = 1e-2  # SGD, CNN
+    cnn_weight_decay: float = 5e-4
+    cnn_momentum: float = 0.9
+    cnn_optimizer: str = "sgd"  # sgd | adamw
+    warmup_steps: int = 500  # not given in the paper
+    warmup_start: float = 1 / 3
+    grad_clip: float = 10.0
+    # data
+    image_min_size: int = 800
+    image_max_size: int = 1333
+    max_text_len: int = 40
+    num_workers: int = 6
+    # model
+    dropout: float = 0.1
+    # visual embedding (paper 3.2); ignored with --init, whose checkpoint fixes the architecture
+    pixel_pool: int = 2  # max-pool of the stride-32 feature map (paper: 2)
+    visual_layernorm: bool = False  # LayerNorm + dropout on pixel tokens (not in the paper)
+    visual_position: bool = False  # learned 2-D position embeddings of pixel tokens (not in the paper)
+    # precision and device
+    dtype: str = "bf16"
+    device: str = ""
+    compile: bool = False
+    channels_last: bool = True
+    # logging, checkpoints
+    log_every: int = 50
+    ckpt_every: int = 2000
+    keep_checkpoints: int = 3
+    resume: bool = False
+    seed: int = 0
+
+
+# The demo: the tiny model pre-trained by `python pretrain.py`, on the demo corpus's NLVR2 files
+# (1,500 train / 300 dev examples). With so few examples it overfits (train loss 0.3 by epoch 6):
+# a low lr keeps what pre-training learned (best dev 71.7 at 1e-4, 70.0 at 3e-4 over 8 epochs;
+# 72.3 after 12 epochs at 3e-4, with dev falling from epoch 9 on).
+PRESETS = {"demo": dict(model="tiny", init="runs/demo_pretrain/final.pt", image_min_size=128, image_max_size=192,
+                        batch_size=32, global_batch=32, epochs=8, lr_milestones="6", lr=1e-4, cnn_lr=1e-4,
+                        cnn_optimizer="adamw", warmup_steps=30, dropout=0.0, num_workers=1, log_every=10,
+                        ckpt_every=500, out_dir="runs/demo_nlvr")}
+
+
+def nlvr_logits(model, head, batch):
+    """(B, 2) logits (false, true) of B examples = 2B rows (see data.collate_nlvr2)."""
+    _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"])  # (2B, H)
+    return head(pooled.view(-1, 2 * pooled.shape[-1]))  # [left CLS, right CLS] (B, 2H) -> (B, 2)
+
+
+def predict(model, loader, identifiers, ddp, dtype, channels_last=True):
+    """{identifier: "True" | "False"} for every example of the loader, gathered from all processes."""
+    model.eval()
+    predictions = {}
+    with torch.no_grad():
+        for batch in loader:
+            batch = common.batch_to_device(batch, ddp.device, channels_last)
+            with common.autocast(ddp.device, dtype):
+                true = nlvr_logits(model, model.nlvr_head, batch).argmax(-1)
+            predictions.update({identifiers[i]: str(bool(t)) for i, t in zip(batch["index"].tolist(), true.tolist())})
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, predictions)
+        predictions = {k: v for part in gathered for k, v in part.items()}
+    return predictions
+
+
+def eval_loader(dataset, batch_size, ddp, num_workers):
+    """Every example once, split across processes."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=range(ddp.rank, len(dataset),
+                                                                                      ddp.world_size),
+                                       collate_fn=data.collate_nlvr2, num_workers=num_workers)
+
+
+def majority_baseline(records):
+    """Accuracy and consistency (percent) of always answering the most frequent label."""
+    true = sum(r["label"] == "True" for r in records)
+    constant = "True" if 2 * true >= len(records) else "False"
+    return nlvr2_score({r["identifier"]: constant for r in records}, records)
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, PRESETS, argv)
+    if cfg.data not in ("demo", "nlvr2"):
+        raise SystemExit(f"--data {cfg.data}: choose demo or nlvr2")
+    if cfg.data == "demo" and cfg.init and not os.path.exists(cfg.init):
+        import pretrain  # the demo starts from the demo pre-training: run it first
+        common.print0(f"{cfg.init} not found: running the demo pre-training first (python pretrain.py)")
+        pretrain.main([])
+    ddp = common.setup_distributed(cfg.device)
+    common.print0(f"config: {asdict(cfg)}")
+    torch.manual_seed(cfg.seed + ddp.rank)
+    accum, _ = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size, 1, "")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # ---- data: the official JSON Lines files; each example is a sentence and two images
+    init_state = common.load_checkpoint(cfg.init) if cfg.init else {}
+    vocab = cfg.vocab or (os.path.join(cfg.bert, "vocab.txt") if os.path.isdir(cfg.bert) else
+                          os.path.join(cfg.data_root, "vocab.txt"))
+    tokenizer = data.Tokenizer(vocab, cfg.max_text_len)
+    if init_state.get("vocab") not in (None, tokenizer.vocab_tokens()):
+        raise SystemExit(f"{cfg.init} was trained with another WordPiece vocabulary than {vocab}; pass --vocab")
+    train_records = data.read_nlvr2(cfg.data_root, cfg.train_split)
+    eval_records = data.read_nlvr2(cfg.data_root, cfg.eval_split)
+    identifiers = [r["identifier"] for r in eval_records]
+    train_set = data.NLVR2Examples(cfg.data_root, train_records, tokenizer, cfg.image_min_size, cfg.image_max_size)
+    eval_set = data.NLVR2Examples(cfg.data_root, eval_records, tokenizer, cfg.image_min_size, cfg.image_max_size)
+    sampler = data.MicroBatchSampler(len(train_set), cfg.batch_size, ddp.world_size, ddp.rank, accum, cfg.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=data.collate_nlvr2,
+                                         num_workers=cfg.num_workers, pin_memory=ddp.device.type == "cuda",
+                                         persistent_workers=cfg.num_workers > 0)
+    held_out = eval_loader(eval_set, cfg.batch_size, ddp, cfg.num_workers)
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps, milestones = common.schedule(cfg.epochs, cfg.max_steps, cfg.lr_milestones, steps_per_epoch)
+    baseline = majority_baseline(eval_records)
+    common.print0(f"data: {len(train_set):,} {cfg.train_split} examples, {len(eval_set):,} {cfg.eval_split} examples "
+                  f"(majority baseline: accuracy {baseline['accuracy']:.2f}, consistency {baseline['consistency']:.2f})"
+                  f" | global batch {cfg.global_batch} = {cfg.batch_size} per process x {accum} accumulation x "
+                  f"{ddp.world_size} processes | {steps_per_epoch} steps/epoch, {total_steps} steps, lr / 10 at "
+                  f"steps {milestones}")
+
+    # ---- model: the trunk from --init (or BERT + CNN weights), a new NLVR2 head
+    raw_model = common.build_model(cfg, ("nlvr",), tokenizer.vocab_size, 0, init_state).to(ddp.device)
+    if cfg.channels_last:
+        raw_model.cnn.to(memory_format=torch.channels_last)
+    optimizers = make_optimizers(raw_model, cfg.cnn_lr, cfg.cnn_momentum, cfg.cnn_weight_decay, cfg.lr,
+                                 cfg.weight_decay, fused=ddp.device.type == "cuda" or None,
+                                 cnn_optimizer=cfg.cnn_optimizer)
+    scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
+    state = common.resume(cfg.out_dir, raw_model, optimizers, scaler) if cfg.resume else {}
+    step, best = state.get("step", 0), state.get("best", {"accuracy": -1.0})
+    model = common.wrap_model(raw_model, ddp, cfg.compile)
+    common.print0(f"model: {cfg.model}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
+
+    def checkpoint_state():
+        return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() if o else None for o in optimizers],
+                "scaler": scaler.state_dict(), "step": step, "rng": common.rng_state(), "config": asdict(cfg),
+                "model_config": asdict(raw_model.config), "vocab": tokenizer.vocab_tokens(), "best": best,
+                "task": "nlvr"}
+
+    def evaluate():
+        predictions = predict(raw_model, held_out, identifiers, ddp, cfg.dtype, cfg.channels_last)
+        model.train()
+        return nlvr2_score(predictions, eval_records, f"{cfg.eval_split} predictions")
+
+    def nlvr_loss(batch, num_examples):
+        """Cross-entropy summed over the micro-batch's examples and divided by the number of
+        examples in the global batch (so accumulation and processes do not change it)."""
+        with common.autocast(ddp.device, cfg.dtype):
+            logits = nlvr_logits(model, raw_model.nlvr_head, batch)
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")[None] / num_examples
+
+    # ---- training loop
+    log = common.MetricLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ddp.is_main)
+    if ddp.is_main:
+        common.write_json(os.path.join(cfg.out_dir, "config.json"),
+                          {"config": asdict(cfg), "model": asdict(raw_model.config)})
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, dynamic_ncols=True)
+    t_last, step_last = time.time(), step
+    while step < total_steps:
+        epoch, first = divmod(step, steps_per_epoch)
+        sampler.set_position(epoch, first)
+        micro_batches = iter(loader)
+        for _ in range(first, steps_per_epoch):
+            micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last) for _ in range(accum)]
+            num_examples = common.all_reduce_sum(torch.tensor(sum(len(b["labels"]) for b in micro),
+                                                              device=ddp.device, dtype=torch.float))
+            common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
+            (total,), grad_norm = common.train_step(model, micro, lambda b: nlvr_loss(b, num_examples), optimizers,
+                                                    scaler, raw_model.parameters(), cfg.grad_clip, cfg.out_dir, step)
+            step += 1
+            bar.update()
+            if step % cfg.log_every == 0 or step == total_steps:
+                rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
+                t_last, step_last = time.time(), step
+                lr = optimizers[-1].param_groups[0]["lr"]
+                bar.set_postfix(ce=f"{total:.3f}", lr=f"{lr:.2e}", examples_s=f"{rate:.1f}")
+                log.write(step=step, epoch=step / steps_per_epoch, loss=total.item(), lr=lr,
+                          grad_norm=grad_norm.item(), examples_per_s=rate)
+            if step % steps_per_epoch == 0 or step == total_steps:  # held-out accuracy each epoch; keep the best
+                metrics = evaluate()
+                log.write(step=step, epoch=step / steps_per_epoch, **{cfg.eval_split: metrics})
+                if ddp.is_main:
+                    bar.write(f"epoch {step / steps_per_epoch:.1f}: {cfg.eval_split} accuracy {metrics['accuracy']:.2f}"
+                              f", consistency {metrics['consistency']:.2f}")
+                if metrics["accuracy"] > best["accuracy"]:
+                    best = {**metrics, "step": step}
+                    if ddp.is_main:
+                        final = {k: v for k, v in checkpoint_state().items() if k not in ("optimizers", "scaler", "rng")}
+                        common.save_checkpoint(final, os.path.join(cfg.out_dir, "best.pt"))
+            if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps):
+                common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
+            if step >= total_steps:
+                break
+    bar.close()
+
+    common.print0(f"best {cfg.eval_split} NLVR2 accuracy {best['accuracy']:.2f}, consistency "
+                  f"{best.get('consistency', 0):.2f} at step {best.get('step')} (majority baseline: accuracy "
+                  f"{baseline['accuracy']:.2f}, consistency {baseline['consistency']:.2f}); saved "
+                  f"{os.path.join(cfg.out_dir, 'best.pt')}")
+    if ddp.world_size > 1:
+        dist.destroy_process_group()
+    return best
+
+
+if __name__ == "__main__":
+    main()
