@@ -538,14 +538,20 @@ def write_demo_corpus(root, seed=0, scale=1.0):
     return root
 
 
-def ensure_demo_corpus(root="data/demo", seed=0, scale=1.0):
-    """Return root as a Path, first (re)generating the corpus unless its marker matches."""
+def ensure_demo_corpus(root="data/demo", seed=None, scale=None):
+    """Return root as a Path, first (re)generating the corpus unless its marker matches. Left
+    as None, seed and scale accept the corpus already in root at any seed and scale (a smaller
+    one a user or a test wrote on purpose), as long as it is of this FORMAT_VERSION; a missing
+    or outdated corpus is written with seed 0 at scale 1."""
     root = Path(root)
     try:
-        if json.loads((root / MARKER).read_text()) == marker(seed, scale):
+        found = json.loads((root / MARKER).read_text())
+        wanted = marker(found["seed"] if seed is None else seed, found["scale"] if scale is None else scale)
+        if found == wanted:
             return root
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
+    seed, scale = seed or 0, 1.0 if scale is None else scale
     print(f"generating the demo corpus in {root} (seed {seed}, scale {scale}) ...", end=" ", flush=True)
     t0 = time.time()
     write_demo_corpus(root, seed, scale)

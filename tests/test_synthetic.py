@@ -335,8 +335,13 @@ def test_ensure_demo_corpus_reuses_or_regenerates(tmp_path, monkeypatch, capsys)
     calls = []
     monkeypatch.setattr(synthetic, "write_demo_corpus", lambda *args: calls.append(args))
     assert synthetic.ensure_demo_corpus(root, seed=0, scale=0.01) == root and calls == []
+    assert synthetic.ensure_demo_corpus(root) == root and calls == [], "any scale is fine when none is asked"
     synthetic.ensure_demo_corpus(root, seed=1, scale=0.01)
     assert calls == [(root, 1, 0.01)], "a different seed must regenerate"
+    (root / "DEMO_CORPUS.json").write_text((root / "DEMO_CORPUS.json").read_text().replace('"format_version": ',
+                                                                                             '"format_version": -'))
+    synthetic.ensure_demo_corpus(root)
+    assert calls[-1] == (root, 0, 1.0), "an outdated corpus is rewritten, at the default seed and scale"
 
 
 def test_refuses_to_overwrite_a_folder_that_is_not_a_demo_corpus(tmp_path):
