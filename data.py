@@ -363,6 +363,34 @@ def field(record, name, kind, where):
     return value
 
 
+def choice(record, name, choices, where):
+    """A string field that must be one of `choices` (e.g. an NLVR2 label: "True" or "False")."""
+    value = field(record, name, str, where)
+    if value not in choices:
+        raise DataError(f"{where}: field '{name}' is {value!r}, not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def read_jsonl(path):
+    """The records of a JSON Lines file (NLVR2's official format), each as (where, record) with
+    where = "<path>: line <n>" for later errors. Blank lines are skipped; bytes that are not
+    UTF-8 and lines that are not JSON are errors naming the line."""
+    records = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}: line {n}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); re-download the file") from None
+            if text.strip():
+                try:
+                    records.append((where, json.loads(text)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not a JSON record ({e.msg}); re-download the file") from None
+    return records
+
+
 def karpathy_entries(root, dataset, splits):
     """Images of Karpathy's dataset_{coco,flickr30k}.json in the given splits, with their raw
     sentences. COCO images live in coco/{filepath}/, Flickr30K's in flickr30k/images/."""
