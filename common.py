@@ -306,7 +306,7 @@ def prepare_out_dir(out_dir, resume):
     resume from. Every process checks (on several nodes the folder must be shared)."""
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write_test{os.getpid()}")
+        probe = os.path.join(out_dir, f".write_test_rank{os.environ.get('RANK', 0)}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -417,7 +417,7 @@ def save_step_checkpoint(state, out_dir, step, keep):
     save_checkpoint(state, os.path.join(out_dir, f"ckpt_{step:08d}.pt"))
     for old in step_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         os.remove(old)
-    for stray in glob.glob(os.path.join(out_dir, "*.tmp*")):
+    for stray in glob.glob(os.path.join(out_dir, "*.pt.tmp*")):
         if not stray.endswith(f".tmp{os.getpid()}"):
             os.remove(stray)
 

@@ -466,6 +466,10 @@ def test_impossible_settings_fail_before_any_work(script, tmp_path):
         script.main(flags(**base, out_dir=str(tmp_path / "a"), global_batch=60, batch_size=40))
     with pytest.raises(SystemExit, match=f"--out-dir {afile}/run: cannot write there"):
         script.main(flags(**base, out_dir=f"{afile}/run", global_batch=40, batch_size=40))
+    if os.geteuid() != 0:  # root writes anywhere; a path under a file (above) is unwritable for everyone
+        (tmp_path / "locked").mkdir(mode=0o500)
+        with pytest.raises(SystemExit, match="locked: cannot write there"):
+            script.main(flags(**base, out_dir=str(tmp_path / "locked"), global_batch=40, batch_size=40))
     with pytest.raises(SystemExit, match=f"--resume: no checkpoint .* in {tmp_path}/b"):
         script.main(flags(**base, out_dir=str(tmp_path / "b"), global_batch=40, batch_size=40, resume=True))
 
