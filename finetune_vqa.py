@@ -9,6 +9,8 @@ given the ten human answers).
 
 Reads top to bottom like pretrain.py: config -> processes -> data -> model -> optimisers ->
 loop (with held-out evaluation each epoch, best checkpoint kept) -> final evaluation.
+SIGTERM / SIGUSR1 finish the step in flight, write a checkpoint and exit with status 75;
+the same command with --resume continues exactly (README: Reliability).
 """
 
 import json

@@ -7,6 +7,8 @@ captions and Visual Genome region phrases (paper 3.4 and 4.1).
         --bert weights/bert-base-uncased --cnn weights/resnet50-11ad3fa6.pth
 
 Reads top to bottom: config -> processes -> data -> model -> optimisers -> loop -> evaluation.
+SIGTERM / SIGUSR1 finish the step in flight, write a checkpoint and exit with status 75;
+the same command with --resume continues exactly (README: Reliability).
 """
 
 import os

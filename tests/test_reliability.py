@@ -237,6 +237,7 @@ def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path):
         assert time.time() < deadline and saver.poll() is None
         time.sleep(0.005)
         saver.send_signal(signal.SIGSTOP)
+        time.sleep(0.002)  # the stop has taken effect
         names = os.listdir(out)
         if "ckpt_00000002.pt" in names and any(".tmp" in n for n in names):
             saver.send_signal(signal.SIGKILL)
@@ -430,6 +431,22 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match=r"step 8: the gradient norm is (inf|nan); stopping before the update"):
         toy_step(lambda m, b: (m.weight - m.weight.detach()).abs().sqrt().sum(), str(tmp_path), 7, model=model)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.slow
+def test_nan_in_pretraining_names_step_and_checkpoint(corpus, tmp_path, monkeypatch):
+    """End to end: the loss turns NaN at step 3 of a run that saved a checkpoint at step 2."""
+    cross_entropy, calls = torch.nn.functional.cross_entropy, []
+
+    def nan_from_step_3(*args, **kwargs):
+        calls.append(1)  # two losses x two micro-steps per step
+        return cross_entropy(*args, **kwargs) * (float("nan") if len(calls) > 8 else 1.0)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_from_step_3)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match=r"step 3: the loss is \[nan, nan\]; stopping. Last good checkpoint: "
+                                         rf"{out}/ckpt_00000002.pt"):
+        pretrain.main(pretrain_args(corpus, out, num_workers=0, ckpt_every=2))
 
 
 def test_fp16_skipped_steps_counted_and_a_collapse_stops(tmp_path):
