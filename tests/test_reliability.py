@@ -364,6 +364,10 @@ def test_skipped_examples_leave_the_batch(corpus, tmp_path):
     dataset = data.VQAQuestions(str(root), questions, annotations, tok, answers, 64, 64, skip_bad_images=True)
     item = dataset[0, int(np.flatnonzero(dataset.question_ids == questions[0]["question_id"])[0])]
     assert "image file not found" in item["image"]
+    (tmp_path / "text.jpg").write_text("not an image")  # indexing reads headers: skipped there too
+    assert data.header_size(str(tmp_path / "text.jpg"), skip_bad=True) == (0, 0)
+    with pytest.raises(data.DataError, match="text.jpg: cannot read the image header"):
+        data.header_size(str(tmp_path / "text.jpg"), skip_bad=False)
 
 
 def test_image_catalogue(tmp_path, monkeypatch):
