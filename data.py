@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,16 +118,20 @@ def file_digest(path):
 
 
 def load_image(path):
-    """Decode any image file to 8-bit RGB, upright (EXIF orientation applied)."""
+    """Decode any image file to 8-bit RGB, upright (EXIF orientation applied). Images beyond
+    PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 89M pixels) are refused: no dataset
+    image is that large, and decoding one could exhaust memory."""
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = ImageOps.exif_transpose(img)
+                img.load()
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found; check --data-root and the folder layout in the README")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"{path}: cannot decode the image ({type(e).__name__}: {e}); re-download it or remove "
-                        f"its records") from None
+                        f"its records (or pass --skip-bad-images)") from None
     if img.mode.startswith("I"):  # 16/32-bit grayscale: rescale to 8 bits instead of clipping at 255
         arr = np.asarray(img, dtype=np.float32)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -144,8 +149,28 @@ def image_size(path):
             return img.size
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found; check --data-root and the folder layout in the README") from None
-    except (OSError, SyntaxError) as e:
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read the image header ({e}); re-download it or remove its records") from None
+
+
+def header_size(path, skip_bad):
+    try:
+        return image_size(path)
+    except DataError:
+        if not skip_bad:
+            raise
+        return (0, 0)
+
+
+def try_image_tensor(path, min_size, max_size, skip_bad):
+    """image_tensor, or with skip_bad (--skip-bad-images) the error message in place of a
+    missing or undecodable image; collate drops such examples and reports them."""
+    try:
+        return image_tensor(path, min_size, max_size)
+    except DataError as e:
+        if not skip_bad:
+            raise
+        return str(e)
 
 
 def resize_image(img, min_size, max_size):
@@ -182,8 +207,15 @@ def collate(items):
     and width, rounded up to a multiple of 64, with image_mask (B, H, W) True on real pixels;
     sequences are padded with 0 ([PAD]), or with IGNORE when the key ends in "_labels";
     text_mask (B, T) is True on real tokens of input_ids. An example with "pairs" (several
-    texts for its one image) contributes one row per text, and image_index says whose image."""
-    batch = {}
+    texts for its one image) contributes one row per text, and image_index says whose image.
+    Examples whose image could not be read (--skip-bad-images) are left out; their messages
+    travel in batch["bad_images"] so the training loop can report each once."""
+    bad = [it["image"] for it in items if isinstance(it.get("image"), str)]
+    if bad:
+        items = [it for it in items if not isinstance(it.get("image"), str)]
+        if not items:
+            raise DataError(f"every image of a batch is unreadable, e.g. {bad[0]}; check the data")
+    batch = {"bad_images": bad} if bad else {}
     if "image" in items[0]:
         sizes = [it["image"].shape[1:] for it in items]
         H = -(-max(h for h, _ in sizes) // PAD_MULTIPLE) * PAD_MULTIPLE
@@ -279,8 +311,10 @@ class CaptionIndex:
         return os.path.join(self.root, str(self.image_paths[image]))
 
     @staticmethod
-    def build(folder, root, entries, tokenizer):
-        """Tokenise every caption, drop empty ones, and write the arrays to `folder` atomically."""
+    def build(folder, root, entries, tokenizer, skip_bad_images=False):
+        """Tokenise every caption, drop empty ones, and write the arrays to `folder` atomically.
+        skip_bad_images: an image whose header cannot be read gets size 0 x 0 here, and is
+        reported and skipped when training reaches it."""
         texts = [c for e in entries for c in e.captions]
         pieces = tokenizer.pieces(texts)
         owner = np.repeat(np.arange(len(entries)), [len(e.captions) for e in entries])
@@ -288,7 +322,7 @@ class CaptionIndex:
         if not keep.any():
             raise DataError(f"{root}: no non-empty captions found")
         kept = [p for p, k in zip(pieces, keep) if k]
-        sizes = [e.size or image_size(os.path.join(root, e.path)) for e in entries]
+        sizes = [e.size or header_size(os.path.join(root, e.path), skip_bad_images) for e in entries]
         arrays = {
             "image_paths": np.array([e.path for e in entries]),
             "image_sizes": np.array(sizes, dtype=np.int32).reshape(-1, 2),
@@ -334,6 +368,34 @@ def field(record, name, kind, where):
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise DataError(f"{where}: field '{name}' is missing or not {getattr(kind, '__name__', kind)}")
     return value
+
+
+def choice(record, name, choices, where):
+    """A string field that must be one of `choices` (e.g. an NLVR2 label: "True" or "False")."""
+    value = field(record, name, str, where)
+    if value not in choices:
+        raise DataError(f"{where}: field '{name}' is {value!r}, not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def read_jsonl(path):
+    """The records of a JSON Lines file (NLVR2's official format), each as (where, record) with
+    where = "<path>: line <n>" for later errors. Blank lines are skipped; bytes that are not
+    UTF-8 and lines that are not JSON are errors naming the line."""
+    records = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}: line {n}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); re-download the file") from None
+            if text.strip():
+                try:
+                    records.append((where, json.loads(text)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not a JSON record ({e.msg}); re-download the file") from None
+    return records
 
 
 def karpathy_entries(root, dataset, splits):
@@ -434,7 +496,7 @@ def pretrain_entries(name, root, split):
     return entries
 
 
-def caption_index(name, root, split, tokenizer, cache_root=None):
+def caption_index(name, root, split, tokenizer, cache_root=None, skip_bad_images=False):
     """The cached CaptionIndex for (dataset, split, vocabulary); rebuilt when a source file or
     the vocabulary changes. Cached under <root>/.pixelbert_cache unless cache_root is given."""
     sources = sorted(os.path.join(root, rel) for rel in DOWNLOADS if rel.endswith(".json"))
@@ -444,7 +506,7 @@ def caption_index(name, root, split, tokenizer, cache_root=None):
     if os.path.exists(os.path.join(folder, "info.json")):
         return CaptionIndex(folder, root)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
-    return CaptionIndex.build(folder, root, pretrain_entries(name, root, split), tokenizer)
+    return CaptionIndex.build(folder, root, pretrain_entries(name, root, split), tokenizer, skip_bad_images)
 
 
 # -----------------------------------------------------------------------------
@@ -460,8 +522,8 @@ class PretrainPairs(torch.utils.data.Dataset):
     same whatever the number of workers or processes, and a resumed run replays it exactly."""
 
     def __init__(self, index, tokenizer, min_size, max_size, seed=0, itm_neg_prob=0.5, mask_prob=0.15,
-                 mlm_on_negatives=False, captions_per_image=1):
-        self.index, self.tok = index, tokenizer
+                 mlm_on_negatives=False, captions_per_image=1, skip_bad_images=False):
+        self.index, self.tok, self.skip_bad_images = index, tokenizer, skip_bad_images
         self.min_size, self.max_size, self.seed = min_size, max_size, seed
         self.itm_neg_prob, self.mask_prob, self.mlm_on_negatives = itm_neg_prob, mask_prob, mlm_on_negatives
         self.captions_per_image = captions_per_image
@@ -479,7 +541,8 @@ class PretrainPairs(torch.utils.data.Dataset):
             others = [c for c in range(first, end) if c != i] or [i]
             more = self.captions_per_image - 1
             chosen += rng.choice(others, more, replace=len(others) < more).tolist()
-        return {"image": image_tensor(self.index.image_path(image), self.min_size, self.max_size),
+        return {"image": try_image_tensor(self.index.image_path(image), self.min_size, self.max_size,
+                                          self.skip_bad_images),
                 "pairs": [self.pair(c, image, rng) for c in chosen]}
 
     def pair(self, i, image, rng):
@@ -515,23 +578,27 @@ def vqa_minival_images(val_image_ids, count):
     return set(np.random.default_rng(0).permutation(ids)[:count].tolist())
 
 
-def vqa_image_path(root, subset, image_id):
+def vqa_image_path(root, subset, image_id, skip_missing=False):
     """coco/{subset}/COCO_{subset}_{id:012d}.jpg, or .png with the same base name (subset:
-    train2014, val2014 or test2015)."""
+    train2014, val2014 or test2015). skip_missing: the .jpg path even if absent (training
+    reports and skips it)."""
     base = f"coco/{subset}/COCO_{subset}_{image_id:012d}"
     for ext in (".jpg", ".png"):
         if os.path.exists(os.path.join(root, base + ext)):
             return base + ext
     require(root, f"coco/{subset}")
+    if skip_missing:
+        return base + ".jpg"
     raise DataError(f"{os.path.join(root, base)}.jpg (or .png): image of VQA image_id {image_id} not found; "
                     f"complete {subset}.zip from https://cocodataset.org/#download")
 
 
-def read_vqa(root, split, minival_images=5000):
+def read_vqa(root, split, minival_images=5000, skip_bad_images=False):
     """The questions of a split and, where they exist, their annotations, each a list of the
     official records, in file order. minival is held out of val (see vqa_minival_images) and
     trainval is train + val without it. test-dev and test both return every test2015 question:
-    the evaluation server wants all of them in either phase."""
+    the evaluation server wants all of them in either phase. skip_bad_images: a missing image
+    is left for training to report and skip (--skip-bad-images) instead of stopping here."""
     if split not in VQA_SPLITS:
         raise DataError(f"VQA split {split!r}: choose one of {', '.join(VQA_SPLITS)}")
     labelled = not split.startswith("test")
@@ -570,7 +637,7 @@ def read_vqa(root, split, minival_images=5000):
     paths = {}  # image -> path; about five questions share each image
     for q, s in zip(questions, subsets):
         if (s, q["image_id"]) not in paths:
-            paths[s, q["image_id"]] = vqa_image_path(root, s, q["image_id"])
+            paths[s, q["image_id"]] = vqa_image_path(root, s, q["image_id"], skip_bad_images)
         q["image_path"] = paths[s, q["image_id"]]
     return questions, annotations
 
@@ -604,7 +671,7 @@ class VQAQuestions(torch.utils.data.Dataset):
     Questions are stored as flat numpy arrays, which forked DataLoader workers share for free."""
 
     def __init__(self, root, questions, annotations, tokenizer, answer_to_label, min_size, max_size, seed=0,
-                 questions_per_image=1):
+                 questions_per_image=1, skip_bad_images=False):
         order = sorted(range(len(questions)), key=lambda i: (questions[i]["image_path"], i))  # an image's questions together
         self.image_paths, question_image = np.unique([questions[i]["image_path"] for i in order], return_inverse=True)
         self.question_image = question_image.astype(np.int32)
@@ -619,7 +686,7 @@ class VQAQuestions(torch.utils.data.Dataset):
             self.target_labels = np.fromiter((l for ls, _ in targets for l in ls), dtype=np.int32)
             self.target_scores = np.fromiter((s for _, ss in targets for s in ss), dtype=np.float32)
         self.root, self.tok, self.min_size, self.max_size = root, tokenizer, min_size, max_size
-        self.seed, self.questions_per_image = seed, questions_per_image
+        self.seed, self.questions_per_image, self.skip_bad_images = seed, questions_per_image, skip_bad_images
 
     def __len__(self):
         return len(self.question_ids)
@@ -641,8 +708,8 @@ class VQAQuestions(torch.utils.data.Dataset):
             others = [q for q in range(first, end) if q != i] or [i]
             more = self.questions_per_image - 1
             chosen += rng.choice(others, more, replace=len(others) < more).tolist()
-        return {"image": image_tensor(os.path.join(self.root, str(self.image_paths[image])), self.min_size,
-                                      self.max_size),
+        return {"image": try_image_tensor(os.path.join(self.root, str(self.image_paths[image])), self.min_size,
+                                          self.max_size, self.skip_bad_images),
                 "pairs": [self.question(q) for q in chosen]}
 
     def question(self, q):

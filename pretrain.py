@@ -7,6 +7,8 @@ captions and Visual Genome region phrases (paper 3.4 and 4.1).
         --bert weights/bert-base-uncased --cnn weights/resnet50-11ad3fa6.pth
 
 Reads top to bottom: config -> processes -> data -> model -> optimisers -> loop -> evaluation.
+SIGTERM / SIGUSR1 finish the step in flight, write a checkpoint and exit with status 75;
+the same command with --resume continues exactly (README: Reliability).
 """
 
 import os
@@ -60,6 +62,7 @@ class Config:
     captions_per_image: int = 1  # pairs sharing one CNN pass; 1 is the paper's setting (SOHO uses 4)
     group_aspect: bool = True  # batch landscape and portrait images separately (less padding)
     num_workers: int = 6
+    skip_bad_images: bool = False  # report, count and skip unreadable training images instead of stopping
     # model
     dropout: float = 0.1
     # visual embedding (paper 3.2); ignored with --init, whose checkpoint fixes the architecture
@@ -76,8 +79,8 @@ class Config:
     eval_every: int = 2000  # steps; 0: at the end only
     eval_pairs: int = 5000  # held-out pairs for MLM / ITM accuracy (Karpathy val captions)
     ckpt_every: int = 2000
-    keep_checkpoints: int = 3
-    resume: bool = False
+    keep_checkpoints: int = 3  # the last K step checkpoints are kept
+    resume: bool = False  # continue exactly from the newest complete checkpoint in --out-dir
     seed: int = 0
 
 
@@ -102,7 +105,7 @@ def main(argv=None):
     dataset = "coco_vg" if cfg.data == "demo" else cfg.data  # the demo corpus is written in these formats
     accum, images_per_batch = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size,
                                                 cfg.captions_per_image, "--captions-per-image")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    common.prepare_out_dir(cfg.out_dir, cfg.resume)
 
     # ---- data. Rank 0 renders the demo corpus and builds the cached caption indexes while the
     # other processes wait at the barrier; then they read what rank 0 wrote.
@@ -114,7 +117,8 @@ def main(argv=None):
     vocab = cfg.vocab or (os.path.join(cfg.bert, "vocab.txt") if os.path.isdir(cfg.bert) else
                           os.path.join(cfg.data_root, "vocab.txt"))
     tokenizer = data.Tokenizer(vocab, cfg.max_text_len)
-    train_index, val_index = (data.caption_index(dataset, cfg.data_root, split, tokenizer) for split in ("train", "val"))
+    train_index = data.caption_index(dataset, cfg.data_root, "train", tokenizer, skip_bad_images=cfg.skip_bad_images)
+    val_index = data.caption_index(dataset, cfg.data_root, "val", tokenizer)
     if ddp.world_size > 1 and ddp.is_main:
         torch.distributed.barrier()
 
@@ -122,10 +126,11 @@ def main(argv=None):
     if not tasks or not tasks <= {"mlm", "itm"}:
         raise SystemExit(f"--tasks {cfg.tasks}: choose mlm, itm or mlm,itm")
 
-    def pairs(index, captions_per_image):
+    def pairs(index, captions_per_image, skip_bad_images=False):
         return data.PretrainPairs(index, tokenizer, cfg.image_min_size, cfg.image_max_size, cfg.seed,
                                   cfg.itm_neg_prob if "itm" in tasks else 0.0,
-                                  cfg.mask_prob if "mlm" in tasks else 0.0, cfg.mlm_on_negatives, captions_per_image)
+                                  cfg.mask_prob if "mlm" in tasks else 0.0, cfg.mlm_on_negatives, captions_per_image,
+                                  skip_bad_images)
 
     # An epoch is one pass over the pairs: with k captions per image, 1/k as many images.
     sizes = train_index.image_sizes[train_index.caption_image]  # (N, 2) width, height of each pair's image
@@ -134,8 +139,8 @@ def main(argv=None):
                                      epoch_size=len(train_index) // cfg.captions_per_image)
     loader_args = dict(collate_fn=data.collate, num_workers=cfg.num_workers, pin_memory=ddp.device.type == "cuda",
                        persistent_workers=cfg.num_workers > 0)
-    loader = torch.utils.data.DataLoader(pairs(train_index, cfg.captions_per_image), batch_sampler=sampler,
-                                         **loader_args)
+    loader = torch.utils.data.DataLoader(pairs(train_index, cfg.captions_per_image, cfg.skip_bad_images),
+                                         batch_sampler=sampler, **loader_args)
     # Held-out pairs: Karpathy-val captions, cycled with a fresh (seeded) draw of negatives and
     # masks on each pass when --eval-pairs exceeds them, so small validation sets still give a
     # steady figure. The same pairs at every evaluation.
@@ -159,7 +164,7 @@ def main(argv=None):
                                  cfg.weight_decay, fused=ddp.device.type == "cuda" or None,
                                  cnn_optimizer=cfg.cnn_optimizer)
     scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
-    step = common.resume(cfg.out_dir, raw_model, optimizers, scaler)["step"] if cfg.resume else 0
+    step = common.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg))["step"] if cfg.resume else 0
     model = common.wrap_model(raw_model, ddp, cfg.compile)
     common.print0(f"model: {cfg.model}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
 
@@ -221,13 +226,17 @@ def main(argv=None):
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, dynamic_ncols=True)
     t_last, step_last = time.time(), step
+    preemption, bad_images, skipped_steps = common.Preemption(), common.BadImages(), 0
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
-        sampler.set_position(epoch, first)
+        sampler.set_position(epoch, first)  # the data resumes mid-epoch exactly where it stopped
         micro_batches = iter(loader)
         for _ in range(first, steps_per_epoch):
+            common.seed_step(cfg.seed, ddp.rank, step)
             micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last)
                      for _ in range(accum)]
+            for b in micro:
+                bad_images.note(b)
             counts = torch.tensor([sum((b["mlm_labels"] != data.IGNORE).sum().item() for b in micro),
                                    sum(len(b["itm_labels"]) for b in micro)], device=ddp.device)
             common.all_reduce_sum(counts)
@@ -235,6 +244,8 @@ def main(argv=None):
             totals, grad_norm = common.train_step(model, micro, lambda b: torch.stack(losses(b, *counts)), optimizers,
                                                   scaler, raw_model.parameters(), cfg.grad_clip, cfg.out_dir, step)
             step += 1
+            skipped_steps += not torch.isfinite(grad_norm).item()  # fp16: the scaler skipped an overflowing step
+            stop = preemption.requested(ddp.device)  # every rank stops after the same step
             bar.update()
             if step % cfg.log_every == 0 or step == total_steps:
                 rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
@@ -242,17 +253,22 @@ def main(argv=None):
                 lr = optimizers[-1].param_groups[0]["lr"]
                 bar.set_postfix(mlm=f"{totals[0]:.3f}", itm=f"{totals[1]:.3f}", lr=f"{lr:.2e}", pairs_s=f"{rate:.1f}")
                 log.write(step=step, epoch=step / steps_per_epoch, mlm_loss=totals[0].item(), itm_loss=totals[1].item(),
-                          lr=lr, grad_norm=grad_norm.item(), pairs_per_s=rate)
+                          lr=lr, grad_norm=grad_norm.item(), skipped_steps=skipped_steps, pairs_per_s=rate)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 metrics = evaluate()
                 if ddp.is_main:
                     bar.write(f"step {step}: {metrics}")
                 log.write(step=step, **metrics)
-            if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps):
+            if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps or stop):
                 common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
+            if stop:
+                bar.close()
+                preemption.exit(cfg.out_dir, step)
             if step >= total_steps:
                 break
     bar.close()
+    if cfg.skip_bad_images:
+        bad_images.report()
 
     # ---- final held-out evaluation
     metrics = evaluate()
