@@ -370,34 +370,6 @@ def field(record, name, kind, where):
     return value
 
 
-def choice(record, name, choices, where):
-    """A string field that must be one of `choices` (e.g. an NLVR2 label: "True" or "False")."""
-    value = field(record, name, str, where)
-    if value not in choices:
-        raise DataError(f"{where}: field '{name}' is {value!r}, not one of {', '.join(map(repr, choices))}")
-    return value
-
-
-def read_jsonl(path):
-    """The records of a JSON Lines file (NLVR2's official format), each as (where, record) with
-    where = "<path>: line <n>" for later errors. Blank lines are skipped; bytes that are not
-    UTF-8 and lines that are not JSON are errors naming the line."""
-    records = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}: line {n}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); re-download the file") from None
-            if text.strip():
-                try:
-                    records.append((where, json.loads(text)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not a JSON record ({e.msg}); re-download the file") from None
-    return records
-
-
 def karpathy_entries(root, dataset, splits):
     """Images of Karpathy's dataset_{coco,flickr30k}.json in the given splits, with their raw
     sentences. COCO images live in coco/{filepath}/, Flickr30K's in flickr30k/images/."""
@@ -729,11 +701,12 @@ class VQAQuestions(torch.utils.data.Dataset):
 NLVR2_SPLITS = ("train", "dev", "test1")
 
 
-def read_nlvr2(root, split):
+def read_nlvr2(root, split, skip_bad_images=False):
     """The records of nlvr2/data/{split}.json (the official JSON Lines file), in file order, each
     with "left" and "right": its image paths relative to root. An identifier split-set-pair-sentence
     names the images split-set-pair-img0.png (left) and -img1.png (right), in
-    nlvr2/images/train/{directory}/ for train and nlvr2/images/{split}/ otherwise."""
+    nlvr2/images/train/{directory}/ for train and nlvr2/images/{split}/ otherwise. A missing image
+    is an error, unless skip_bad_images (training then reports and skips its examples)."""
     if split not in NLVR2_SPLITS:
         raise DataError(f"NLVR2 split {split!r}: choose one of {', '.join(NLVR2_SPLITS)}")
     path = require(root, f"nlvr2/data/{split}.json")
@@ -760,7 +733,7 @@ def read_nlvr2(root, split):
         stem = record["identifier"].rsplit("-", 1)[0]
         record = {**record, "left": f"{folder}/{stem}-img0.png", "right": f"{folder}/{stem}-img1.png"}
         for image in (record["left"], record["right"]):  # a pair of images is shared by its sentences
-            if image not in seen and not os.path.exists(os.path.join(root, image)):
+            if image not in seen and not skip_bad_images and not os.path.exists(os.path.join(root, image)):
                 raise DataError(f"{os.path.join(root, image)}: image of {where} not found; check --data-root and "
                                 f"the NLVR2 layout in the README")
             seen.add(image)
@@ -772,8 +745,8 @@ class NLVR2Examples(torch.utils.data.Dataset):
     """Item i (or (epoch, i), as MicroBatchSampler gives it): example i's two images (left,
     right), its sentence's token ids, its label (1 = True) and i itself, which names its identifier."""
 
-    def __init__(self, root, records, tokenizer, min_size, max_size):
-        self.root, self.min_size, self.max_size = root, min_size, max_size
+    def __init__(self, root, records, tokenizer, min_size, max_size, skip_bad_images=False):
+        self.root, self.min_size, self.max_size, self.skip_bad_images = root, min_size, max_size, skip_bad_images
         self.images = [(r["left"], r["right"]) for r in records]
         self.input_ids = [tokenizer.wrap(p) for p in tokenizer.pieces([r["sentence"] for r in records])]
         self.labels = [int(r["label"] == "True") for r in records]
@@ -783,16 +756,23 @@ class NLVR2Examples(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         i = key[1] if isinstance(key, tuple) else key
-        return {"images": [image_tensor(os.path.join(self.root, p), self.min_size, self.max_size)
-                           for p in self.images[i]],
+        return {"images": [try_image_tensor(os.path.join(self.root, p), self.min_size, self.max_size,
+                                            self.skip_bad_images) for p in self.images[i]],
                 "input_ids": self.input_ids[i], "label": self.labels[i], "index": i}
 
 
 def collate_nlvr2(items):
     """B examples -> one batch of 2B (sentence, image) rows for the "pair" setting: row 2b is
     example b's sentence with its left image, row 2b + 1 with its right one, so the model's
-    pooled output (2B, H) reshapes to (B, 2H) = [left CLS, right CLS]. labels (B,), index (B,)."""
+    pooled output (2B, H) reshapes to (B, 2H) = [left CLS, right CLS]. labels (B,), index (B,).
+    An example with an unreadable image (--skip-bad-images) is left out whole, as collate does."""
+    bad = [image for it in items for image in it["images"] if isinstance(image, str)]
+    items = [it for it in items if not any(isinstance(image, str) for image in it["images"])]
+    if not items:
+        raise DataError(f"every example of a batch has an unreadable image, e.g. {bad[0]}; check the data")
     batch = collate([{"image": image, "input_ids": it["input_ids"]} for it in items for image in it["images"]])
+    if bad:
+        batch["bad_images"] = bad
     batch["labels"] = torch.tensor([it["label"] for it in items])
     batch["index"] = torch.tensor([it["index"] for it in items])
     return batch

@@ -10,6 +10,8 @@ two logits (false, true), trained with cross-entropy.
 
 Reads top to bottom like finetune_vqa.py: config -> processes -> data -> model -> optimisers ->
 loop (dev accuracy and consistency each epoch, best checkpoint kept) -> final evaluation.
+SIGTERM / SIGUSR1 finish the step in flight, write a checkpoint and exit with status 75;
+the same command with --resume continues exactly (README: Reliability).
 """
 
 import os
@@ -60,6 +62,7 @@ class Config:
     image_max_size: int = 1333
     max_text_len: int = 40
     num_workers: int = 6
+    skip_bad_images: bool = False  # report, count and skip unreadable training images instead of stopping
     # model
     dropout: float = 0.1
     # visual embedding (paper 3.2); ignored with --init, whose checkpoint fixes the architecture
@@ -74,8 +77,8 @@ class Config:
     # logging, checkpoints
     log_every: int = 50
     ckpt_every: int = 2000
-    keep_checkpoints: int = 3
-    resume: bool = False
+    keep_checkpoints: int = 3  # the last K step checkpoints are kept
+    resume: bool = False  # continue exactly from the newest complete checkpoint in --out-dir
     seed: int = 0
 
 
@@ -138,7 +141,7 @@ def main(argv=None):
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
     accum, _ = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size, 1, "")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    common.prepare_out_dir(cfg.out_dir, cfg.resume)
 
     # ---- data: the official JSON Lines files; each example is a sentence and two images
     init_state = common.load_checkpoint(cfg.init) if cfg.init else {}
@@ -147,10 +150,11 @@ def main(argv=None):
     tokenizer = data.Tokenizer(vocab, cfg.max_text_len)
     if init_state.get("vocab") not in (None, tokenizer.vocab_tokens()):
         raise SystemExit(f"{cfg.init} was trained with another WordPiece vocabulary than {vocab}; pass --vocab")
-    train_records = data.read_nlvr2(cfg.data_root, cfg.train_split)
+    train_records = data.read_nlvr2(cfg.data_root, cfg.train_split, cfg.skip_bad_images)
     eval_records = data.read_nlvr2(cfg.data_root, cfg.eval_split)
     identifiers = [r["identifier"] for r in eval_records]
-    train_set = data.NLVR2Examples(cfg.data_root, train_records, tokenizer, cfg.image_min_size, cfg.image_max_size)
+    train_set = data.NLVR2Examples(cfg.data_root, train_records, tokenizer, cfg.image_min_size, cfg.image_max_size,
+                                   cfg.skip_bad_images)
     eval_set = data.NLVR2Examples(cfg.data_root, eval_records, tokenizer, cfg.image_min_size, cfg.image_max_size)
     sampler = data.MicroBatchSampler(len(train_set), cfg.batch_size, ddp.world_size, ddp.rank, accum, cfg.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=data.collate_nlvr2,
@@ -174,7 +178,7 @@ def main(argv=None):
                                  cfg.weight_decay, fused=ddp.device.type == "cuda" or None,
                                  cnn_optimizer=cfg.cnn_optimizer)
     scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
-    state = common.resume(cfg.out_dir, raw_model, optimizers, scaler) if cfg.resume else {}
+    state = common.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}
     step, best = state.get("step", 0), state.get("best", {"accuracy": -1.0})
     model = common.wrap_model(raw_model, ddp, cfg.compile)
     common.print0(f"model: {cfg.model}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
@@ -205,18 +209,24 @@ def main(argv=None):
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, dynamic_ncols=True)
     t_last, step_last = time.time(), step
+    preemption, bad_images, skipped_steps = common.Preemption(), common.BadImages(), 0
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
-        sampler.set_position(epoch, first)
+        sampler.set_position(epoch, first)  # the data resumes mid-epoch exactly where it stopped
         micro_batches = iter(loader)
         for _ in range(first, steps_per_epoch):
+            common.seed_step(cfg.seed, ddp.rank, step)
             micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last) for _ in range(accum)]
+            for b in micro:
+                bad_images.note(b)
             num_examples = common.all_reduce_sum(torch.tensor(sum(len(b["labels"]) for b in micro),
                                                               device=ddp.device, dtype=torch.float))
             common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
             (total,), grad_norm = common.train_step(model, micro, lambda b: nlvr_loss(b, num_examples), optimizers,
                                                     scaler, raw_model.parameters(), cfg.grad_clip, cfg.out_dir, step)
             step += 1
+            skipped_steps += not torch.isfinite(grad_norm).item()  # fp16: the scaler skipped an overflowing step
+            stop = preemption.requested(ddp.device)  # every rank stops after the same step
             bar.update()
             if step % cfg.log_every == 0 or step == total_steps:
                 rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
@@ -224,7 +234,7 @@ def main(argv=None):
                 lr = optimizers[-1].param_groups[0]["lr"]
                 bar.set_postfix(ce=f"{total:.3f}", lr=f"{lr:.2e}", examples_s=f"{rate:.1f}")
                 log.write(step=step, epoch=step / steps_per_epoch, loss=total.item(), lr=lr,
-                          grad_norm=grad_norm.item(), examples_per_s=rate)
+                          grad_norm=grad_norm.item(), skipped_steps=skipped_steps, examples_per_s=rate)
             if step % steps_per_epoch == 0 or step == total_steps:  # held-out accuracy each epoch; keep the best
                 metrics = evaluate()
                 log.write(step=step, epoch=step / steps_per_epoch, **{cfg.eval_split: metrics})
@@ -236,11 +246,16 @@ def main(argv=None):
                     if ddp.is_main:
                         final = {k: v for k, v in checkpoint_state().items() if k not in ("optimizers", "scaler", "rng")}
                         common.save_checkpoint(final, os.path.join(cfg.out_dir, "best.pt"))
-            if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps):
+            if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps or stop):
                 common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
+            if stop:
+                bar.close()
+                preemption.exit(cfg.out_dir, step)
             if step >= total_steps:
                 break
     bar.close()
+    if cfg.skip_bad_images:
+        bad_images.report()
 
     common.print0(f"best {cfg.eval_split} NLVR2 accuracy {best['accuracy']:.2f}, consistency "
                   f"{best.get('consistency', 0):.2f} at step {best.get('step')} (majority baseline: accuracy "

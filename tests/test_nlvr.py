@@ -43,26 +43,19 @@ def run_args(corpus, init, out, **overrides):
 
 
 def official_metrics(predictions_path, labels_path):
-    """A line-by-line re-statement of lil-lab/nlvr nlvr2/eval/metrics.py (its missing-prediction
-    branch aside): returns (precision, consistency) as fractions."""
-    predictions = {}
-    for line in open(predictions_path).readlines():
-        if line:
-            splits = line.strip().split(",")
-            predictions[splits[0]] = splits[1]
-    labeled_examples = [json.loads(line) for line in open(labels_path).readlines() if line]
-    num_correct, consistency_dict = 0.0, {}
-    for example in labeled_examples:
-        anon_label = example["identifier"].split("-")
-        anon_label[2] = ""
-        anon_label = "-".join(anon_label)
-        if anon_label not in consistency_dict:
-            consistency_dict[anon_label] = True
-        if predictions[example["identifier"]].lower() == example["label"].lower():
-            num_correct += 1.0
-        else:
-            consistency_dict[anon_label] = False
-    return num_correct / len(labeled_examples), sum(consistency_dict.values()) / len(consistency_dict)
+    """The official script's rule (lil-lab/nlvr nlvr2/eval/metrics.py), restated independently:
+    precision = correct / examples, comparing case-insensitively; consistency = the fraction of
+    (every identifier field but the third) groups in which every example is correct. The last
+    line of a repeated identifier wins. Returns (precision, consistency) as fractions."""
+    csv_rows = [line.strip().split(",") for line in open(predictions_path) if line.strip()]
+    predicted = {row[0]: row[1] for row in csv_rows}
+    examples = [json.loads(line) for line in open(labels_path) if line.strip()]
+    correct = [predicted[e["identifier"]].lower() == e["label"].lower() for e in examples]
+    groups = {}
+    for e, ok in zip(examples, correct):
+        split, set_id, _pair, *sentence = e["identifier"].split("-")
+        groups.setdefault((split, set_id, *sentence), []).append(ok)
+    return sum(correct) / len(examples), sum(all(oks) for oks in groups.values()) / len(groups)
 
 
 def write_lines(path, records):
@@ -255,3 +248,24 @@ def test_finetune_learns(corpus, pretrained, tmp_path):
     best = finetune_nlvr.main(run_args(corpus, pretrained, str(tmp_path / "run"), max_steps=0, epochs=6, **args))
     majority = finetune_nlvr.majority_baseline(data.read_nlvr2(corpus, "train"))
     assert best["accuracy"] >= 75 and best["accuracy"] > majority["accuracy"] + 20, (majority, best)
+
+
+def test_skip_bad_images_drops_the_whole_example(corpus, tmp_path):
+    """--skip-bad-images: a missing image no longer stops the reader, and the example it belongs
+    to leaves the batch whole (both rows, its label and index), reported in bad_images."""
+    import shutil
+    root = tmp_path / "demo"
+    shutil.copytree(corpus, root, ignore=shutil.ignore_patterns(".pixelbert_cache"))
+    records = data.read_nlvr2(str(root), "dev")
+    os.remove(root / records[1]["right"])
+    with pytest.raises(data.DataError, match="img1.png: image of .*not found"):
+        data.read_nlvr2(str(root), "dev")
+    records = data.read_nlvr2(str(root), "dev", skip_bad_images=True)
+    tokenizer = data.Tokenizer(str(root / "vocab.txt"))
+    examples = data.NLVR2Examples(str(root), records, tokenizer, 64, 96, skip_bad_images=True)
+    batch = data.collate_nlvr2([examples[i] for i in range(3)])
+    assert batch["index"].tolist() == [0, 2] and batch["images"].shape[0] == batch["input_ids"].shape[0] == 4
+    assert batch["labels"].tolist() == [examples[0]["label"], examples[2]["label"]]
+    assert len(batch["bad_images"]) == 1 and "image file not found" in batch["bad_images"][0]
+    with pytest.raises(data.DataError, match="every example of a batch has an unreadable image"):
+        data.collate_nlvr2([examples[1]])

@@ -396,24 +396,6 @@ def test_text_catalogue(corpus):
     assert data.vqa_soft_targets(annotation, {"yes": 0, "no": 1}) == ([], [])
 
 
-def test_json_lines_catalogue(tmp_path):
-    """NLVR2-style JSON Lines: non-UTF-8 bytes, a line that is not JSON, a label that is not
-    True/False: each names the file and line."""
-    path = tmp_path / "dev.json"
-    good = json.dumps({"identifier": "dev-1-0-0", "sentence": "Two dogs.", "label": "True"})
-    path.write_bytes(f"{good}\n\n".encode() + b'{"sentence": "caf\xe9"}\n')
-    with pytest.raises(data.DataError, match=r"dev.json: line 3: not UTF-8 text"):
-        data.read_jsonl(str(path))
-    path.write_text(f"{good}\n{{oops\n")
-    with pytest.raises(data.DataError, match=r"dev.json: line 2: not a JSON record"):
-        data.read_jsonl(str(path))
-    path.write_text(f"{good}\n" + json.dumps({"label": "yes"}) + "\n")
-    (where, first), (where2, second) = data.read_jsonl(str(path))
-    assert data.choice(first, "label", ("True", "False"), where) == "True"
-    with pytest.raises(data.DataError, match=r"dev.json: line 2: field 'label' is 'yes', not one of 'True', 'False'"):
-        data.choice(second, "label", ("True", "False"), where2)
-
-
 # ---- 6. numerical failure
 
 
