@@ -33,7 +33,7 @@ from model import make_optimizers
 @dataclass
 class Config:
     """Pixel-BERT fine-tuning for image-text retrieval. Defaults are the paper's recipe for --data flickr30k."""
-    data: str = "demo"  # demo (the built-in corpus's Flickr30K files) | flickr30k | coco (official files under --data-root)
+    data: str = "demo"  # demo (the built-in corpus's Flickr30K files) | flickr30k | coco (files under --data-root)
     data_root: str = "data/demo"
     model: str = "r50"  # tiny | r50 | x152
     init: str = ""  # a Pixel-BERT checkpoint (pre-training) to start from
@@ -296,6 +296,11 @@ def main(argv=None):
                 "model_config": asdict(raw_model.config), "vocab": tokenizer.vocab_tokens(), "best": best,
                 "task": "retrieval"}
 
+    def save_best():  # weights and configs only: best.pt is for evaluation and --init, not --resume
+        if ddp.is_main:
+            final = {k: v for k, v in checkpoint_state().items() if k not in ("optimizers", "scaler", "rng")}
+            common.save_checkpoint(final, os.path.join(cfg.out_dir, "best.pt"))
+
     def evaluate(captions):
         scores, _ = retrieval_scores(raw_model, cfg.data_root, captions, ddp, cfg.image_min_size, cfg.image_max_size,
                                      cfg.dtype, cfg.eval_pairs, cfg.num_workers, cfg.channels_last, progress=False)
@@ -326,9 +331,7 @@ def main(argv=None):
         best = {**evaluate(val_captions), "step": 0}
         log.write(step=0, epoch=0.0, val=best)
         common.print0("step 0: val " + recall_line(best))
-        if ddp.is_main:
-            final = {k: v for k, v in checkpoint_state().items() if k not in ("optimizers", "scaler", "rng")}
-            common.save_checkpoint(final, os.path.join(cfg.out_dir, "best.pt"))
+        save_best()
     train_mode()
     bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, dynamic_ncols=True)
     t_last, step_last = time.time(), step
@@ -359,9 +362,7 @@ def main(argv=None):
                     bar.write(f"epoch {step / steps_per_epoch:.1f}: val " + recall_line(metrics))
                 if metrics["rsum"] > best["rsum"]:
                     best = {**metrics, "step": step}
-                    if ddp.is_main:
-                        final = {k: v for k, v in checkpoint_state().items() if k not in ("optimizers", "scaler", "rng")}
-                        common.save_checkpoint(final, os.path.join(cfg.out_dir, "best.pt"))
+                    save_best()
             if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps):
                 common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
             if step >= total_steps:

@@ -144,20 +144,22 @@ def test_cached_batched_scoring_equals_each_pair_alone(corpus, tokenizer):
     full, times = finetune_retrieval.retrieval_scores(model, corpus, captions, ddp, 64, 96, "fp32", 7, 0,
                                                       progress=False)
     assert torch.allclose(fast, full, atol=1e-5) and times["transformer_s"] > 0
-    slow = torch.empty_like(fast)
+    some = range(0, len(captions), 6)  # every image against a spread of captions, one pair at a time
+    assert len({len(captions.input_ids(c)) for c in some}) > 1
+    slow = fast.clone()
     with torch.no_grad():
         for i, image in enumerate(images):
             alone = data.collate([{"image": image}])  # a batch of one: padded to a multiple of 64 only
             image = data.normalize_images(alone["images"])
             alone = model.encode_image(image, alone["image_mask"])
-            for c in range(len(captions)):
+            for c in some:
                 ids = torch.tensor([captions.input_ids(c)])
                 _, pooled = model(ids, torch.ones_like(ids, dtype=torch.bool), pixels=alone)
                 slow[i, c] = finetune_retrieval.rank_scores(model, pooled)
             _, pooled = model(ids, torch.ones_like(ids, dtype=torch.bool), images=image,  # one pair fully alone
                               image_mask=data.collate([{"image": images[i]}])["image_mask"])
             assert finetune_retrieval.rank_scores(model, pooled).item() == pytest.approx(slow[i, c].item(), abs=1e-6)
-    assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-5), (fast - slow).abs().max()
+    assert torch.allclose(fast[:, some], slow[:, some], atol=1e-4, rtol=1e-5), (fast - slow).abs().max()
     assert fast.std() > 0.1  # the scores are far from constant, so the comparison means something
 
 
