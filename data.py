@@ -50,6 +50,12 @@ DOWNLOADS = {
     "nlvr2/images/test1": "the NLVR2 test1 images (test1_img.zip; see https://github.com/lil-lab/nlvr/tree/master/nlvr2)",
 }
 
+# Kept apart from DOWNLOADS, whose .json files stamp the pre-training caption cache.
+RETRIEVAL_DOWNLOADS = {
+    "flickr30k/dataset_flickr30k.json": "Karpathy's splits: caption_datasets.zip from https://cs.stanford.edu/people/karpathy/deepimagesent/",
+    "flickr30k/images": "flickr30k-images.tar.gz (request it at https://shannon.cs.illinois.edu/DenotationGraph/)",
+}
+
 
 class DataError(ValueError):
     """Bad or missing input data. The message names the file or record and what to do."""
@@ -350,7 +356,7 @@ class CaptionIndex:
 def require(root, rel):
     path = os.path.join(root, rel)
     if not os.path.exists(path):
-        hint = DOWNLOADS.get(rel, "see the README's Data section")
+        hint = DOWNLOADS.get(rel) or RETRIEVAL_DOWNLOADS.get(rel, "see the README's Data section")
         raise DataError(f"{path} is missing. Get {hint} and put it at {rel} under --data-root ({root}).")
     return path
 
@@ -531,6 +537,99 @@ class PretrainPairs(torch.utils.data.Dataset):
             mlm_labels[:] = IGNORE
         return {"input_ids": ids, "mlm_ids": mlm_ids.tolist(), "mlm_labels": mlm_labels.tolist(),
                 "itm_labels": int(matched)}
+
+
+# -----------------------------------------------------------------------------
+# Image-text retrieval (paper 4.4): Karpathy's splits of Flickr30K and COCO
+
+RETRIEVAL_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}  # Flickr30K has no restval
+
+
+def retrieval_entries(root, dataset, split):
+    """The images of a Karpathy split (flickr30k or coco; train, val or test) with their raw
+    captions, in file order: the order COCO's five 1K test folds follow. Every image must have
+    a caption and exist on disk (checked here, so a long evaluation cannot fail half-way)."""
+    if dataset not in ("flickr30k", "coco"):
+        raise DataError(f"retrieval dataset {dataset!r}: choose flickr30k or coco")
+    if split not in RETRIEVAL_SPLITS:
+        raise DataError(f"retrieval split {split!r}: choose one of {', '.join(RETRIEVAL_SPLITS)}")
+    entries, _ = karpathy_entries(root, dataset, RETRIEVAL_SPLITS[split])
+    path = os.path.join(root, f"{dataset}/dataset_{dataset}.json")
+    if not entries:
+        raise DataError(f"{path}: no image has split {'/'.join(RETRIEVAL_SPLITS[split])}; is it Karpathy's file?")
+    for e in entries:
+        if not e.captions:
+            raise DataError(f"{path}: image {e.path} has no sentences; every retrieval image needs a caption")
+        if not os.path.exists(os.path.join(root, e.path)):
+            require(root, os.path.dirname(e.path))  # a whole missing folder gets its download hint
+            raise DataError(f"{os.path.join(root, e.path)}: image of {path} not found; complete the image folder")
+    return entries
+
+
+class RetrievalCaptions:
+    """Every caption of a retrieval split, tokenised once, as flat arrays: caption_image (N,)
+    gives each caption's image row (an image's captions are contiguous, in file order) and
+    image_first (I + 1,) where each image's captions start; offsets/pieces hold the word pieces."""
+
+    def __init__(self, entries, tokenizer):
+        self.image_paths = [e.path for e in entries]
+        counts = [len(e.captions) for e in entries]
+        self.caption_image = np.repeat(np.arange(len(entries)), counts).astype(np.int64)
+        self.image_first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        pieces = tokenizer.pieces([c for e in entries for c in e.captions])
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
+        self.pieces = np.fromiter((t for p in pieces for t in p), dtype=np.int32)
+        self.tok = tokenizer
+
+    def __len__(self):
+        return len(self.caption_image)
+
+    def input_ids(self, c):
+        """[CLS] caption c [SEP], truncated to the tokenizer's max_length."""
+        return self.tok.wrap(self.pieces[self.offsets[c]: self.offsets[c + 1]].tolist())
+
+
+class RetrievalPairs(torch.utils.data.Dataset):
+    """Item (epoch, i): caption i's image with 1 + `negatives` texts (paper 4.4): caption i
+    first, then captions of other images drawn uniformly without replacement. An epoch is one
+    pass over the ground-truth captions (each image five times). Random choices come from a
+    generator seeded by (seed, epoch, i), so batches do not depend on workers or processes."""
+
+    def __init__(self, root, captions, min_size, max_size, negatives=20, seed=0):
+        own = np.diff(captions.image_first).max()
+        if len(captions) - own < negatives:
+            raise DataError(f"{root}: {len(captions)} captions cannot give {negatives} negatives from other images; "
+                            f"lower --negatives")
+        self.root, self.captions, self.min_size, self.max_size = root, captions, min_size, max_size
+        self.negatives, self.seed = negatives, seed
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        rng = np.random.default_rng([self.seed, epoch, i])
+        image = int(self.captions.caption_image[i])
+        first, end = self.captions.image_first[image], self.captions.image_first[image + 1]
+        # Draw from the captions minus this image's contiguous block, then step over the block.
+        drawn = rng.choice(len(self.captions) - (end - first), self.negatives, replace=False)
+        negatives = drawn + (drawn >= first) * (end - first)
+        return {"image": image_tensor(os.path.join(self.root, self.captions.image_paths[image]), self.min_size,
+                                      self.max_size),
+                "pairs": [{"input_ids": self.captions.input_ids(int(c))} for c in [i, *negatives.tolist()]]}
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Item i: (i, (3, H, W) uint8 image); for evaluation, where each image is encoded once."""
+
+    def __init__(self, root, paths, min_size, max_size):
+        self.root, self.paths, self.min_size, self.max_size = root, paths, min_size, max_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return i, image_tensor(os.path.join(self.root, self.paths[i]), self.min_size, self.max_size)
 
 
 # -----------------------------------------------------------------------------

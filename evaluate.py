@@ -9,6 +9,8 @@ Metrics as importable functions, and a command line that evaluates checkpoints.
     python evaluate.py match --checkpoint runs/demo_pretrain/final.pt --image IMG --text "a red circle"
     python evaluate.py ask --checkpoint runs/demo_vqa/best.pt --image IMG --question "what colour is the circle?"
     python evaluate.py attention --checkpoint CKPT --image IMG --text "..." [--layer 0] [--out map.png]
+    python evaluate.py retrieval --checkpoint runs/demo_retrieval/best.pt --data-root data/demo --dataset flickr30k
+    torchrun --nproc_per_node=8 evaluate.py retrieval --checkpoint CKPT --data-root ROOT --dataset coco --coco-1k-folds
 
 VQA accuracy is computed exactly as the official evaluation tool computes it (GT-Vision-Lab/VQA,
 PythonEvaluationTools/vqaEvaluation/vqaEval.py), quirks included, so that our numbers and the
@@ -17,9 +19,12 @@ ten human answers only get the punctuation step, and only when they disagree; ac
 min(1, matches / 3) averaged over the ten leave-one-out subsets of the human answers.
 NLVR2 accuracy and consistency are computed as lil-lab/nlvr's nlvr2/eval/metrics.py computes them.
 
+Retrieval recall (R@1/5/10 both ways) is computed from a score matrix and each caption's image,
+with ties counted against the ground truth (see retrieval_recall).
+
 The metric part needs only the standard library (data.py builds VQA soft targets and reads
-NLVR2's JSON Lines with it);
-the checkpoint-evaluation part imports torch, data.py and model.py when it runs.
+NLVR2's JSON Lines with it; retrieval_recall imports torch when called); the
+checkpoint-evaluation part imports torch, data.py and model.py when it runs.
 """
 
 import argparse
@@ -315,6 +320,69 @@ def score_nlvr2_files(predictions_path, labels_path):
 
 
 # -----------------------------------------------------------------------------
+# Image-text retrieval recall (paper 4.4)
+
+
+def retrieval_recall(scores, caption_image, ks=(1, 5, 10)):
+    """R@K in percent of image->text (TR: for each image, is one of its captions among the K
+    best-scored captions?) and text->image (IR: for each caption, is its image among the K
+    best-scored images?), and rsum, their sum. scores (I, C): image i against caption c, any
+    array-like; caption_image (C,): the image row each caption describes.
+
+    Ties are broken against the ground truth: a wrong candidate that scores exactly as high as
+    the best correct one ranks above it. The result therefore does not depend on the order of
+    images or captions, and a constant scorer gets (almost) nothing instead of the luck of the
+    index order. Uses torch (imported here, so this module still imports without it)."""
+    import torch
+
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    owner = torch.as_tensor(caption_image, dtype=torch.long)
+    I, C = scores.shape
+    if owner.shape != (C,) or C == 0 or owner.min() < 0 or owner.max() >= I:
+        raise EvaluationError(f"retrieval: caption_image must give an image row in [0, {I}) for each of the {C} "
+                              f"captions (got shape {tuple(owner.shape)})")
+    if not torch.isfinite(scores).all():
+        raise EvaluationError("retrieval: the score matrix has NaN or infinite entries")
+    captioned = torch.bincount(owner, minlength=I)
+    if (captioned == 0).any():
+        raise EvaluationError(f"retrieval: image {int((captioned == 0).nonzero()[0])} has no caption")
+    tr_rank, ir_rank = torch.empty(I, dtype=torch.long), torch.empty(C, dtype=torch.long)
+    for start in range(0, I, 256):  # blocks of images bound the memory of the (I, C) comparisons
+        block = scores[start: start + 256]  # (b, C)
+        rows = torch.arange(start, start + len(block))
+        mine = owner[None, :] == rows[:, None]  # (b, C): the block's own captions
+        best = block.masked_fill(~mine, float("-inf")).max(1).values  # (b,) best-scored correct caption
+        tr_rank[rows] = ((block >= best[:, None]) & ~mine).sum(1)  # wrong captions at least as high
+    gt = scores[owner, torch.arange(C)]  # (C,) each caption's score with its own image
+    for start in range(0, C, 4096):
+        cols = slice(start, start + 4096)
+        ir_rank[cols] = (scores[:, cols] >= gt[None, cols]).sum(0) - 1  # wrong images at least as high
+    result = {}
+    for name, rank in (("tr", tr_rank), ("ir", ir_rank)):
+        for k in ks:
+            result[f"{name}_r{k}"] = 100.0 * (rank < k).double().mean().item()
+    result["rsum"] = sum(result.values())
+    return result
+
+
+def retrieval_recall_folds(scores, caption_image, fold_images=1000):
+    """The mean of retrieval_recall over consecutive folds of `fold_images` images and their
+    captions (COCO's 5K test split -> five 1K folds, in Karpathy's file order)."""
+    import torch
+
+    scores, owner = torch.as_tensor(scores), torch.as_tensor(caption_image, dtype=torch.long)
+    folds = scores.shape[0] // fold_images
+    if folds == 0 or scores.shape[0] % fold_images:
+        raise EvaluationError(f"retrieval: {scores.shape[0]} images do not split into folds of {fold_images}")
+    results = []
+    for f in range(folds):
+        cols = ((owner >= f * fold_images) & (owner < (f + 1) * fold_images)).nonzero().squeeze(1)
+        block = scores[f * fold_images: (f + 1) * fold_images, cols]
+        results.append(retrieval_recall(block, owner[cols] - f * fold_images))
+    return {k: sum(r[k] for r in results) / folds for k in results[0]}
+
+
+# -----------------------------------------------------------------------------
 # Evaluating a fine-tuned VQA checkpoint
 
 
@@ -400,6 +468,65 @@ def evaluate_nlvr2_checkpoint(checkpoint, data_root, split, out=None, batch_size
     if ddp.is_main:
         write_nlvr2_predictions(out, [(i, predictions[i] == "True") for i in identifiers])
     return {**nlvr2_score(predictions, records, f"{split} predictions"), "predictions": out}
+
+
+# -----------------------------------------------------------------------------
+# Evaluating a retrieval checkpoint: the full protocol
+
+
+def evaluate_retrieval_checkpoint(checkpoint, data_root, dataset, split="test", coco_1k_folds=False, max_images=0,
+                                  out=None, pairs_per_batch=1024, num_workers=2, device="", dtype="bf16",
+                                  save_scores=None):
+    """Every image of the split scored against every caption (Karpathy splits; Flickr30K test:
+    1K x 5K, COCO test: 5K x 25K), R@1/5/10 both ways, and with coco_1k_folds also the mean
+    over the five 1K folds. A pre-training checkpoint is scored zero-shot, by its ITM match
+    log-odds. The result (with wall time and pairs per second) is written as JSON to `out`,
+    by default retrieval_<dataset>_<split>.json beside the checkpoint."""
+    import time
+
+    import torch
+
+    import common
+    import data
+    from finetune_retrieval import retrieval_scores
+    from model import PixelBert, PixelBertConfig, copy_weights
+
+    start = time.time()
+    state = common.load_checkpoint(checkpoint)
+    keys = state.get("model", {})
+    if "rank_head.weight" not in keys and "itm_head.weight" not in keys or "model_config" not in state:
+        raise EvaluationError(f"{checkpoint}: neither a retrieval nor a pre-training checkpoint (no rank or ITM "
+                              f"head); use best.pt from finetune_retrieval.py or final.pt from pretrain.py")
+    ddp = common.setup_distributed(device)
+    heads = tuple(state["model_config"]["heads"]) + (() if "rank_head.weight" in keys else ("rank",))
+    model = PixelBert(PixelBertConfig(**{**state["model_config"], "heads": heads}))
+    copy_weights(model, keys, checkpoint)
+    if "rank_head.weight" not in keys:
+        model.init_rank_head_from_itm()  # zero-shot: ITM's match log-odds ranks like its match probability
+    model.to(ddp.device).cnn.to(memory_format=torch.channels_last)
+    tokenizer = data.Tokenizer(state["vocab"], state["config"]["max_text_len"])
+    entries = data.retrieval_entries(data_root, dataset, split)
+    captions = data.RetrievalCaptions(entries[: max_images or None], tokenizer)
+    sizes = state["config"]["image_min_size"], state["config"]["image_max_size"]
+    scores, times = retrieval_scores(model, data_root, captions, ddp, *sizes, dtype, pairs_per_batch, num_workers)
+    I, C = scores.shape
+    result = {"checkpoint": checkpoint, "dataset": dataset, "split": split, "images": I, "captions": C, "pairs": I * C,
+              **{k: round(v, 2) for k, v in retrieval_recall(scores, captions.caption_image).items()}}
+    if coco_1k_folds:
+        folds = retrieval_recall_folds(scores, captions.caption_image)
+        result["1k_folds"] = {k: round(v, 2) for k, v in folds.items()}
+    result.update(processes=ddp.world_size, device=str(ddp.device), dtype=dtype,
+                  wall_s=round(time.time() - start, 2), scoring_s=round(times["total_s"], 2),
+                  pairs_per_s=round(I * C / times["total_s"], 1),
+                  transformer_pairs_per_s=round(I * C / times["transformer_s"], 1))
+    if ddp.is_main:
+        out = out or os.path.join(os.path.dirname(checkpoint), f"retrieval_{dataset}_{split}.json")
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+        if save_scores:
+            torch.save({"scores": scores, "caption_image": torch.as_tensor(captions.caption_image),
+                        "image_paths": captions.image_paths}, save_scores)
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -572,6 +699,20 @@ def main(argv=None):
     vqa.add_argument("--num-workers", type=int, default=2)
     vqa.add_argument("--device", default="")
     vqa.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ret = commands.add_parser("retrieval", help="full-protocol image-text retrieval recall of a checkpoint")
+    ret.add_argument("--checkpoint", required=True, help="finetune_retrieval.py's best.pt (or pretrain.py's final.pt: "
+                                                         "zero-shot by ITM)")
+    ret.add_argument("--data-root", required=True)
+    ret.add_argument("--dataset", required=True, choices=["flickr30k", "coco"])
+    ret.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ret.add_argument("--coco-1k-folds", action="store_true", help="also the mean over consecutive 1K-image folds")
+    ret.add_argument("--max-images", type=int, default=0, help="only the split's first N images (0: all)")
+    ret.add_argument("--out", help="result JSON (default: retrieval_<dataset>_<split>.json beside the checkpoint)")
+    ret.add_argument("--save-scores", help="also save the (images, captions) score matrix to this .pt file")
+    ret.add_argument("--batch-size", type=int, default=1024, help="(image, caption) pairs per transformer batch")
+    ret.add_argument("--num-workers", type=int, default=2)
+    ret.add_argument("--device", default="")
+    ret.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     score = commands.add_parser("vqa-score", help="official VQA accuracy of a predictions file")
     score.add_argument("--predictions", required=True)
     score.add_argument("--questions", required=True)
@@ -616,12 +757,16 @@ def main(argv=None):
         elif args.command == "nlvr2":
             result = evaluate_nlvr2_checkpoint(args.checkpoint, args.data_root, args.split, args.out, args.batch_size,
                                                args.num_workers, args.device, args.dtype)
+        elif args.command == "retrieval":
+            result = evaluate_retrieval_checkpoint(args.checkpoint, args.data_root, args.dataset, args.split,
+                                                   args.coco_1k_folds, args.max_images, args.out, args.batch_size,
+                                                   args.num_workers, args.device, args.dtype, args.save_scores)
         else:
             result = evaluate_vqa_checkpoint(args.checkpoint, args.data_root, args.split, args.out, args.batch_size,
                                              args.num_workers, args.device, args.dtype, args.minival_images,
                                              args.ans2label)
             result = result if isinstance(result, dict) else {"submission": result}
-    except (EvaluationError, DataError) as e:
+    except (EvaluationError, DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result, indent=2))

@@ -1,0 +1,393 @@
+"""
+Pixel-BERT fine-tuning for image-text retrieval (paper 4.4): a linear layer on [CLS] scores
+each (image, caption) pair; for each image, its ground-truth caption and 20 captions of other
+images are ranked by softmax cross-entropy, with gradient only through the ground truth and
+the 5 highest-scoring negatives. The CNN is frozen.
+
+    python finetune_retrieval.py      # demo: fine-tunes runs/demo_pretrain/final.pt on the demo's Flickr30K files
+    torchrun --nproc_per_node=8 finetune_retrieval.py --data flickr30k --data-root /datasets \
+        --init runs/pretrain/final.pt
+
+Reads top to bottom like finetune_vqa.py: config -> processes -> data -> model -> optimiser ->
+loop (validation recall each epoch, best checkpoint kept) -> test recall of the best checkpoint.
+The full-protocol scoring (every image against every caption) is here too, as functions that
+evaluate.py and bench.py call: encode_images (CNN once per image, cached), score_images (the
+transformer over batches of pairs) and retrieval_scores (both, sharded over processes).
+"""
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import data
+from evaluate import retrieval_recall
+from model import make_optimizers
+
+
+@dataclass
+class Config:
+    """Pixel-BERT fine-tuning for image-text retrieval. Defaults are the paper's recipe for --data flickr30k."""
+    data: str = "demo"  # demo (the built-in corpus's Flickr30K files) | flickr30k | coco (files under --data-root)
+    data_root: str = "data/demo"
+    model: str = "r50"  # tiny | r50 | x152
+    init: str = ""  # a Pixel-BERT checkpoint (pre-training) to start from
+    bert: str = ""  # or a Hugging Face BERT folder/file ...
+    cnn: str = ""  # ... and a torchvision ResNet/ResNeXt .pth
+    vocab: str = ""  # WordPiece vocab.txt; default: the --bert folder's, else <data-root>/vocab.txt
+    out_dir: str = "runs/retrieval"
+    # the ranking loss (paper 4.4)
+    negatives: int = 20  # captions of other images ranked against each ground-truth caption
+    hard_negatives: int = 5  # of those, the highest-scoring ones that receive gradient
+    # batch and schedule: Flickr30K 10 epochs, lr / 10 at epoch 6 (COCO: 4 and 2, see PRESETS)
+    batch_size: int = 8  # images per process and micro-step, each with 1 + negatives captions
+    global_batch: int = 512  # images per optimiser step (paper: 8 GPUs x 64)
+    epochs: float = 10  # an epoch is one pass over the ground-truth captions
+    max_steps: int = 0
+    lr_milestones: str = "6"  # epochs
+    lr: float = 1e-4  # AdamW, Transformer, visual embedding and head; the CNN is frozen
+    weight_decay: float = 1e-2
+    warmup_steps: int = 100  # not given in the paper
+    warmup_start: float = 1 / 3
+    grad_clip: float = 10.0
+    # data and evaluation
+    image_min_size: int = 800
+    image_max_size: int = 1333
+    max_text_len: int = 40
+    eval_images: int = 1000  # validation images (all their captions, full protocol) scored each epoch
+    eval_pairs: int = 1024  # (image, caption) pairs per scoring batch
+    num_workers: int = 6
+    # model
+    dropout: float = 0.1
+    # visual embedding (paper 3.2); ignored with --init, whose checkpoint fixes the architecture
+    pixel_pool: int = 2
+    visual_layernorm: bool = False
+    visual_position: bool = False
+    # precision and device
+    dtype: str = "bf16"
+    device: str = ""
+    compile: bool = False
+    channels_last: bool = True
+    # logging, checkpoints
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    resume: bool = False
+    seed: int = 0
+
+
+# The demo: the tiny model pre-trained by `python pretrain.py`, on the demo corpus's Flickr30K split
+# (600 train / 100 val / 100 test images, 5 captions each). The paper's loss and negatives; a higher lr and
+# shorter schedule than the paper's, since the tiny model starts far from a good ranking.
+PRESETS = {"demo": dict(model="tiny", init="runs/demo_pretrain/final.pt", image_min_size=128, image_max_size=192,
+                        batch_size=32, global_batch=32, epochs=1, lr_milestones="", lr=1e-5, warmup_steps=0,
+                        dropout=0.0, eval_images=100, eval_pairs=512, num_workers=1, log_every=10, ckpt_every=200,
+                        out_dir="runs/demo_retrieval"),
+           "coco": dict(epochs=4, lr_milestones="2")}
+
+
+# -----------------------------------------------------------------------------
+# The ranking loss
+
+
+def rank_scores(model, pooled):
+    """The rank head on pooled [CLS] vectors (B, hidden) -> (B,) scores, in fp32 even under
+    autocast: bf16 keeps 8 significant bits, so thousands of candidates would tie."""
+    with torch.autocast(pooled.device.type, enabled=False):
+        return model.rank_head(pooled.float()).squeeze(-1)
+
+
+def hard_negative_loss(score, candidates, num_hard):
+    """Softmax cross-entropy of ranking (paper 4.4), summed over images.
+    candidates (B, C): row numbers of one image's pairs, ground truth in column 0, then its
+    negatives; score(rows (n,)) -> (n,) scores of those pairs. Every candidate is scored without
+    gradient; the ground truth and the num_hard highest-scoring negatives are scored again with
+    gradient. The softmax runs over all C candidates, the other negatives entering as constants,
+    so the loss value is the full ranking loss while only 1 + num_hard pairs per image are
+    back-propagated (the paper's "gradient only through the 5 hardest")."""
+    B, C = candidates.shape
+    with torch.no_grad():
+        every = score(candidates.flatten()).float().view(B, C)  # (B, C)
+    hard = every[:, 1:].topk(min(num_hard, C - 1), dim=1).indices + 1  # (B, num_hard) columns
+    chosen = torch.cat([torch.zeros_like(hard[:, :1]), hard], dim=1)  # (B, 1 + num_hard)
+    live = score(candidates.gather(1, chosen).flatten()).float().view(B, -1)
+    logits = every.scatter(1, chosen, live)  # (B, C): gradient flows only into the chosen columns
+    return F.cross_entropy(logits, torch.zeros(B, dtype=torch.long, device=logits.device), reduction="sum")
+
+
+# -----------------------------------------------------------------------------
+# Full-protocol scoring: every image against every caption
+
+
+@torch.no_grad()
+def encode_images(model, root, paths, rows, min_size, max_size, device, dtype="bf16", num_workers=2,
+                  channels_last=True, image_batch=32):
+    """Pixel tokens of the images `rows` of `paths`: a list of (K_i, hidden) tensors (only the
+    real tokens), one CNN pass per image. Images are batched only with images of the same padded
+    size, so each is encoded exactly as it would be alone: a larger neighbour's padding would
+    change the CNN's features along the border (its receptive field reaches into the padding)."""
+    dataset = torch.utils.data.Subset(data.ImageFiles(root, paths, min_size, max_size), list(rows))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    position = {row: k for k, row in enumerate(rows)}
+    pixels, buckets = [None] * len(rows), {}
+
+    def flush(shape):
+        batch = data.collate([{"image": image} for _, image in buckets[shape]])
+        batch = common.batch_to_device(batch, device, channels_last)
+        with common.autocast(device, dtype):
+            tokens, pixel_mask = model.encode_image(batch["images"], batch["image_mask"])
+        for (row, _), t, m in zip(buckets.pop(shape), tokens, pixel_mask):
+            pixels[position[row]] = t[m].float()  # (K_i, hidden), raster order
+    for row, image in loader:
+        shape = tuple(-(-s // data.PAD_MULTIPLE) for s in image.shape[1:])
+        buckets.setdefault(shape, []).append((row, image))
+        if len(buckets[shape]) == image_batch:
+            flush(shape)
+    for shape in list(buckets):
+        flush(shape)
+    return pixels
+
+
+def caption_batches(captions, pairs_per_batch, device):
+    """All captions as padded (input_ids, text_mask) batches, prepared once. Sorted by length,
+    so a batch's padding is small; yields (caption rows, input_ids, text_mask)."""
+    order = sorted(range(len(captions)), key=lambda c: len(captions.input_ids(c)))
+    batches = []
+    for k in range(0, len(order), pairs_per_batch):
+        rows = order[k: k + pairs_per_batch]
+        batch = data.collate([{"input_ids": captions.input_ids(c)} for c in rows])
+        batches.append((torch.tensor(rows, device=device), batch["input_ids"].to(device),
+                        batch["text_mask"].to(device)))
+    return batches
+
+
+@torch.no_grad()
+def score_images(model, pixels, batches, num_captions, dtype="bf16", bar=None):
+    """(len(pixels), num_captions) scores of cached pixel tokens against every caption: the
+    transformer alone. Each batch pairs one image with up to pairs_per_batch captions."""
+    device = batches[0][1].device
+    scores = torch.empty(len(pixels), num_captions, device=device)
+    for r, tokens in enumerate(pixels):
+        tokens = tokens.to(device)[None]  # (1, K, hidden)
+        pixel_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device)
+        for rows, input_ids, text_mask in batches:
+            with common.autocast(device, dtype):
+                _, pooled = model(input_ids, text_mask, pixels=(tokens, pixel_mask),
+                                  image_index=torch.zeros(len(rows), dtype=torch.long, device=device))
+            scores[r, rows] = rank_scores(model, pooled)
+            if bar is not None:
+                bar.update(len(rows))
+    return scores
+
+
+def retrieval_scores(model, root, captions, ddp, min_size, max_size, dtype="bf16", pairs_per_batch=1024,
+                     num_workers=2, channels_last=True, progress=True):
+    """The full protocol: (I, C) scores of every image of `captions` (a data.RetrievalCaptions)
+    against every caption, on every process. Process r encodes and scores images r, r + W, ...;
+    the rows are gathered at the end. Returns the scores and the seconds spent encoding images
+    and in the transformer."""
+    model.eval()
+    I, C, W = len(captions.image_paths), len(captions), ddp.world_size
+    rows = range(ddp.rank, I, W)
+    sync = torch.cuda.synchronize if ddp.device.type == "cuda" else (lambda: None)
+    t0 = time.time()
+    pixels = encode_images(model, root, captions.image_paths, rows, min_size, max_size, ddp.device, dtype,
+                           num_workers, channels_last)
+    sync()
+    t1 = time.time()
+    batches = caption_batches(captions, pairs_per_batch, ddp.device)
+    bar = tqdm(total=len(rows) * C, disable=not (progress and ddp.is_main), unit="pair", unit_scale=True,
+               dynamic_ncols=True, desc=f"scoring {I}x{C}" + (f" ({W} processes)" if W > 1 else ""))
+    mine = score_images(model, pixels, batches, C, dtype, bar)
+    bar.close()
+    sync()
+    t2 = time.time()
+    if W > 1:  # equal shapes for all_gather: pad every process to the largest share
+        padded = torch.zeros(-(-I // W), C, device=ddp.device)
+        padded[: len(rows)] = mine
+        gathered = [torch.empty_like(padded) for _ in range(W)]
+        dist.all_gather(gathered, padded)
+        mine = torch.empty(I, C, device=ddp.device)
+        for r in range(W):
+            mine[r::W] = gathered[r][: len(range(r, I, W))]
+    return mine.cpu(), {"encode_s": t1 - t0, "transformer_s": t2 - t1, "total_s": time.time() - t0}
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, PRESETS, argv)
+    if cfg.data == "demo" and cfg.init and not os.path.exists(cfg.init):
+        import pretrain  # the demo starts from the demo pre-training: run it first
+        common.print0(f"{cfg.init} not found: running the demo pre-training first (python pretrain.py)")
+        pretrain.main([])
+    ddp = common.setup_distributed(cfg.device)
+    common.print0(f"config: {asdict(cfg)}")
+    torch.manual_seed(cfg.seed + ddp.rank)
+    accum, _ = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size, 1, "--batch-size")
+    if not 0 < cfg.hard_negatives <= cfg.negatives:
+        raise SystemExit(f"--hard-negatives {cfg.hard_negatives} must be in 1..--negatives ({cfg.negatives})")
+    dataset = "flickr30k" if cfg.data == "demo" else cfg.data  # the demo corpus is written in Flickr30K's format
+    if dataset not in ("flickr30k", "coco"):
+        raise SystemExit(f"--data {cfg.data}: choose demo, flickr30k or coco")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # ---- data: Karpathy train (COCO: + restval) for training, val for model selection, test at the end
+    init_state = common.load_checkpoint(cfg.init) if cfg.init else {}
+    vocab = cfg.vocab or (os.path.join(cfg.bert, "vocab.txt") if os.path.isdir(cfg.bert) else
+                          os.path.join(cfg.data_root, "vocab.txt"))
+    tokenizer = data.Tokenizer(vocab, cfg.max_text_len)
+    if init_state.get("vocab") not in (None, tokenizer.vocab_tokens()):
+        raise SystemExit(f"{cfg.init} was trained with another WordPiece vocabulary than {vocab}; pass --vocab")
+    train_captions = data.RetrievalCaptions(data.retrieval_entries(cfg.data_root, dataset, "train"), tokenizer)
+    val_captions = data.RetrievalCaptions(data.retrieval_entries(cfg.data_root, dataset, "val")[: cfg.eval_images],
+                                          tokenizer)
+    test_captions = data.RetrievalCaptions(data.retrieval_entries(cfg.data_root, dataset, "test"), tokenizer)
+    train_set = data.RetrievalPairs(cfg.data_root, train_captions, cfg.image_min_size, cfg.image_max_size,
+                                    cfg.negatives, cfg.seed)
+    sampler = data.MicroBatchSampler(len(train_set), cfg.batch_size, ddp.world_size, ddp.rank, accum, cfg.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=data.collate,
+                                         num_workers=cfg.num_workers, pin_memory=ddp.device.type == "cuda",
+                                         persistent_workers=cfg.num_workers > 0)
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps, milestones = common.schedule(cfg.epochs, cfg.max_steps, cfg.lr_milestones, steps_per_epoch)
+    common.print0(f"data: {dataset} train {len(train_captions.image_paths):,} images / {len(train_captions):,} "
+                  f"captions, val {len(val_captions.image_paths):,} / {len(val_captions):,}, test "
+                  f"{len(test_captions.image_paths):,} / {len(test_captions):,} | global batch {cfg.global_batch} "
+                  f"images x {1 + cfg.negatives} captions = {cfg.batch_size} per process x {accum} accumulation x "
+                  f"{ddp.world_size} processes | {steps_per_epoch} steps/epoch, {total_steps} steps, lr / 10 at "
+                  f"steps {milestones}")
+
+    # ---- model: the trunk from --init; the rank head starts as ITM's match log-odds when the
+    # checkpoint has an ITM head, which then stays frozen (it is kept only to be saved with the rest).
+    has_itm = "itm_head.weight" in init_state.get("model", {})
+    raw_model = common.build_model(cfg, ("itm", "rank") if has_itm else ("rank",), tokenizer.vocab_size,
+                                   init_state=init_state).to(ddp.device)
+    if has_itm and "rank_head.weight" not in init_state["model"]:
+        raw_model.init_rank_head_from_itm()
+    if has_itm:
+        raw_model.itm_head.requires_grad_(False)
+    raw_model.cnn.requires_grad_(False)  # paper 4.4: the CNN is frozen (its BatchNorm too: see train_mode)
+    if cfg.channels_last:
+        raw_model.cnn.to(memory_format=torch.channels_last)
+    _, adamw = make_optimizers(raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               fused=ddp.device.type == "cuda" or None)
+    optimizers = [adamw]
+    scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
+    state = common.resume(cfg.out_dir, raw_model, optimizers, scaler) if cfg.resume else {}
+    step, best = state.get("step", 0), state.get("best", {"rsum": -1.0})
+    model = common.wrap_model(raw_model, ddp, cfg.compile)
+    common.print0(f"model: {raw_model.config.hidden_size} hidden, {sum(p.numel() for p in raw_model.parameters()):,} "
+                  f"parameters, {sum(p.numel() for p in raw_model.parameters() if p.requires_grad):,} trained")
+
+    def train_mode():
+        model.train()
+        raw_model.cnn.eval()  # frozen: BatchNorm keeps its running statistics
+
+    def checkpoint_state():
+        return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                "scaler": scaler.state_dict(), "step": step, "rng": common.rng_state(), "config": asdict(cfg),
+                "model_config": asdict(raw_model.config), "vocab": tokenizer.vocab_tokens(), "best": best,
+                "task": "retrieval"}
+
+    def save_best():  # weights and configs only: best.pt is for evaluation and --init, not --resume
+        if ddp.is_main:
+            final = {k: v for k, v in checkpoint_state().items() if k not in ("optimizers", "scaler", "rng")}
+            common.save_checkpoint(final, os.path.join(cfg.out_dir, "best.pt"))
+
+    def evaluate(captions):
+        scores, _ = retrieval_scores(raw_model, cfg.data_root, captions, ddp, cfg.image_min_size, cfg.image_max_size,
+                                     cfg.dtype, cfg.eval_pairs, cfg.num_workers, cfg.channels_last, progress=False)
+        train_mode()
+        return retrieval_recall(scores, captions.caption_image)
+
+    def ranking_loss(batch, num_images):
+        """hard_negative_loss over this micro-batch's images, divided by the images of the whole
+        global batch. The frozen CNN runs once per image; the graph starts at the visual embedding."""
+        with common.autocast(ddp.device, cfg.dtype):
+            pixels = raw_model.encode_image(batch["images"], batch["image_mask"])
+
+        def score(rows):
+            with common.autocast(ddp.device, cfg.dtype):
+                _, pooled = model(batch["input_ids"][rows], batch["text_mask"][rows], pixels=pixels,
+                                  image_index=batch["image_index"][rows])
+            return rank_scores(raw_model, pooled)
+        # collate puts an image's 1 + negatives texts in consecutive rows, ground truth first
+        candidates = torch.arange(len(batch["input_ids"]), device=ddp.device).view(-1, 1 + cfg.negatives)
+        return hard_negative_loss(score, candidates, cfg.hard_negatives)[None] / num_images
+
+    # ---- training loop
+    log = common.MetricLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ddp.is_main)
+    if ddp.is_main:
+        common.write_json(os.path.join(cfg.out_dir, "config.json"),
+                          {"config": asdict(cfg), "model": asdict(raw_model.config)})
+    if step == 0:  # the starting point (zero-shot ITM scores from a pre-training checkpoint) is a candidate too
+        best = {**evaluate(val_captions), "step": 0}
+        log.write(step=0, epoch=0.0, val=best)
+        common.print0("step 0: val " + recall_line(best))
+        save_best()
+    train_mode()
+    bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, dynamic_ncols=True)
+    t_last, step_last = time.time(), step
+    while step < total_steps:
+        epoch, first = divmod(step, steps_per_epoch)
+        sampler.set_position(epoch, first)
+        micro_batches = iter(loader)
+        for _ in range(first, steps_per_epoch):
+            micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last) for _ in range(accum)]
+            common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
+            (total,), grad_norm = common.train_step(model, micro, lambda b: ranking_loss(b, cfg.global_batch),
+                                                    optimizers, scaler, [p for p in raw_model.parameters()
+                                                                         if p.requires_grad],
+                                                    cfg.grad_clip, cfg.out_dir, step)
+            step += 1
+            bar.update()
+            if step % cfg.log_every == 0 or step == total_steps:
+                rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
+                t_last, step_last = time.time(), step
+                lr = adamw.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", images_s=f"{rate:.1f}")
+                log.write(step=step, epoch=step / steps_per_epoch, loss=total.item(), lr=lr,
+                          grad_norm=grad_norm.item(), images_per_s=rate)
+            if step % steps_per_epoch == 0 or step == total_steps:  # validation recall each epoch; keep the best
+                metrics = evaluate(val_captions)
+                log.write(step=step, epoch=step / steps_per_epoch, val=metrics)
+                if ddp.is_main:
+                    bar.write(f"epoch {step / steps_per_epoch:.1f}: val " + recall_line(metrics))
+                if metrics["rsum"] > best["rsum"]:
+                    best = {**metrics, "step": step}
+                    save_best()
+            if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps):
+                common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
+            if step >= total_steps:
+                break
+    bar.close()
+
+    # ---- the best checkpoint (by validation R-sum) on the test split, full protocol
+    if ddp.world_size > 1:
+        dist.barrier()  # rank 0 has written best.pt
+    raw_model.load_state_dict(common.load_checkpoint(os.path.join(cfg.out_dir, "best.pt"))["model"])
+    test = evaluate(test_captions)
+    log.write(step=step, best_step=best["step"], test=test)
+    if ddp.is_main:
+        common.write_json(os.path.join(cfg.out_dir, f"retrieval_{dataset}_test.json"), {**test, "step": best["step"]})
+    common.print0(f"best checkpoint (step {best['step']}) on {dataset} test, {len(test_captions.image_paths)} images "
+                  f"x {len(test_captions)} captions: " + recall_line(test))
+    if ddp.world_size > 1:
+        dist.destroy_process_group()
+    return test
+
+
+def recall_line(m):
+    return (f"TR R@1/5/10 {m['tr_r1']:.1f} / {m['tr_r5']:.1f} / {m['tr_r10']:.1f} | "
+            f"IR R@1/5/10 {m['ir_r1']:.1f} / {m['ir_r5']:.1f} / {m['ir_r10']:.1f} | rsum {m['rsum']:.1f}")
+
+
+if __name__ == "__main__":
+    main()

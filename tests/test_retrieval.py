@@ -1,0 +1,288 @@
+"""Image-text retrieval: recall against a brute-force reference, cached and batched scoring
+against scoring each pair alone, two processes against one, the hard-negative loss's gradient,
+a short fine-tuning run, and the errors for bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import data
+import evaluate
+import finetune_retrieval
+import synthetic
+from model import PixelBert, PixelBertConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("retrieval") / "demo", seed=0, scale=0.05))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    return data.Tokenizer(os.path.join(corpus, "vocab.txt"))
+
+
+def tiny_model(vocab_size, seed=0):
+    """A random tiny model with learned pixel positions, so a token's place in the grid matters."""
+    torch.manual_seed(seed)
+    model = PixelBert(PixelBertConfig.tiny(vocab_size=vocab_size, heads=("rank",), visual_position=True))
+    with torch.no_grad():  # a visible rank head and BatchNorm statistics that are not the identity
+        model.rank_head.weight.normal_(0, 1)
+        for m in model.cnn.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def save_retrieval_checkpoint(model, tokenizer, path):
+    common.save_checkpoint({"model": model.state_dict(), "model_config": asdict(model.config),
+                            "vocab": tokenizer.vocab_tokens(), "task": "retrieval",
+                            "config": {"max_text_len": 40, "image_min_size": 64, "image_max_size": 96}}, path)
+
+
+# -----------------------------------------------------------------------------
+# Recall
+
+
+def brute_force_recall(scores, owner, ks=(1, 5, 10)):
+    """The documented rule, written as sorting: candidates by score, best first; among equal
+    scores the wrong candidates come before the correct ones."""
+    I, C = len(scores), len(owner)
+    tr_hits = {k: 0 for k in ks}
+    for i in range(I):
+        order = sorted(range(C), key=lambda c: (-scores[i][c], owner[c] == i))
+        first = min(p for p, c in enumerate(order) if owner[c] == i)
+        for k in ks:
+            tr_hits[k] += first < k
+    ir_hits = {k: 0 for k in ks}
+    for c in range(C):
+        order = sorted(range(I), key=lambda i: (-scores[i][c], i == owner[c]))
+        for k in ks:
+            ir_hits[k] += order.index(owner[c]) < k
+    result = {**{f"tr_r{k}": 100.0 * tr_hits[k] / I for k in ks}, **{f"ir_r{k}": 100.0 * ir_hits[k] / C for k in ks}}
+    return {**result, "rsum": sum(result.values())}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_recall_matches_brute_force(seed):
+    """Several captions per image (1 to 5, shuffled), and integer scores from a small range, so
+    that ties are everywhere."""
+    rng = np.random.default_rng(seed)
+    I = int(rng.integers(3, 25))
+    owner = rng.permutation(np.repeat(np.arange(I), rng.integers(1, 6, size=I)))
+    scores = rng.integers(0, 4 if seed % 2 else 40, size=(I, len(owner))).astype(float)
+    got = evaluate.retrieval_recall(scores, owner)
+    want = brute_force_recall(scores.tolist(), owner.tolist())
+    assert got == pytest.approx(want)
+
+
+def test_recall_hand_made_cases():
+    owner = [0, 0, 1, 1, 1, 2]  # image 0 has two captions, image 1 three, image 2 one
+    perfect = [[5, 4, 0, 0, 0, 0], [0, 0, 3, 3, 2, 0], [0, 0, 0, 0, 0, 1]]
+    assert set(evaluate.retrieval_recall(perfect, owner).values()) == {100.0, 600.0}
+    worst = -np.array(perfect, dtype=float)  # every correct pair ranks last
+    r = evaluate.retrieval_recall(worst, owner, ks=(1, 3, 4, 5))
+    # image 0's captions rank after the other 4 (R@4 misses, R@5 hits); image 1's after 3; image 2's after 5
+    assert (r["tr_r1"], r["tr_r3"], r["tr_r4"], r["tr_r5"]) == (0, 0, pytest.approx(100 / 3), pytest.approx(200 / 3))
+    assert (r["ir_r1"], r["ir_r3"]) == (0, 100)  # every caption's image ranks third of three
+    # A tie between the best correct caption and a wrong one counts against the correct one.
+    tied = [[1, 0, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1]]
+    r = evaluate.retrieval_recall(tied, owner, ks=(1, 2))
+    assert r["tr_r1"] == pytest.approx(200 / 3) and r["tr_r2"] == 100  # image 0 ties with caption 2: rank 2
+    assert r["ir_r1"] == pytest.approx(100 * 2 / 6)  # captions 2 and 5 only; caption 2 ties 1.0 with image 0
+    # a constant scorer gets nothing at R@1, whatever the order of images and captions
+    assert evaluate.retrieval_recall(np.zeros((3, 6)), owner)["tr_r1"] == 0
+
+
+def test_recall_folds_and_errors():
+    rng = np.random.default_rng(0)
+    owner = np.repeat(np.arange(6), 2)
+    scores = rng.normal(size=(6, 12))
+    folds = evaluate.retrieval_recall_folds(scores, owner, fold_images=3)
+    a = evaluate.retrieval_recall(scores[:3, :6], owner[:6])
+    b = evaluate.retrieval_recall(scores[3:, 6:], owner[6:] - 3)
+    assert folds == pytest.approx({k: (a[k] + b[k]) / 2 for k in a})
+    with pytest.raises(evaluate.EvaluationError, match="do not split into folds"):
+        evaluate.retrieval_recall_folds(scores, owner, fold_images=4)
+    with pytest.raises(evaluate.EvaluationError, match="image 5 has no caption"):
+        evaluate.retrieval_recall(scores[:, :10], owner[:10])
+    with pytest.raises(evaluate.EvaluationError, match="NaN"):
+        evaluate.retrieval_recall(np.full((6, 12), np.nan), owner)
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def test_cached_batched_scoring_equals_each_pair_alone(corpus, tokenizer):
+    """The fast path (CNN once per image, images bucketed by padded size, captions sorted by
+    length and padded in batches) gives the scores of each pair run through the model alone."""
+    model = tiny_model(tokenizer.vocab_size)
+    captions = data.RetrievalCaptions(data.retrieval_entries(corpus, "flickr30k", "val")
+                                      + data.retrieval_entries(corpus, "flickr30k", "test"), tokenizer)
+    images = [data.image_tensor(os.path.join(corpus, p), 64, 96) for p in captions.image_paths]
+    assert len({tuple(-(-s // 64) for s in im.shape[1:]) for im in images}) > 1  # several padded sizes
+    assert len({len(captions.input_ids(c)) for c in range(len(captions))}) > 1  # several caption lengths
+    device = torch.device("cpu")
+    pixels = finetune_retrieval.encode_images(model, corpus, captions.image_paths, range(len(images)), 64, 96,
+                                              device, "fp32", num_workers=0, image_batch=2)
+    batches = finetune_retrieval.caption_batches(captions, 7, device)
+    fast = finetune_retrieval.score_images(model, pixels, batches, len(captions), "fp32")
+    ddp = common.Dist(0, 0, 1, device)
+    full, times = finetune_retrieval.retrieval_scores(model, corpus, captions, ddp, 64, 96, "fp32", 7, 0,
+                                                      progress=False)
+    assert torch.allclose(fast, full, atol=1e-5) and times["transformer_s"] > 0
+    some = range(0, len(captions), 6)  # every image against a spread of captions, one pair at a time
+    assert len({len(captions.input_ids(c)) for c in some}) > 1
+    slow = fast.clone()
+    with torch.no_grad():
+        for i, image in enumerate(images):
+            alone = data.collate([{"image": image}])  # a batch of one: padded to a multiple of 64 only
+            image = data.normalize_images(alone["images"])
+            alone = model.encode_image(image, alone["image_mask"])
+            for c in some:
+                ids = torch.tensor([captions.input_ids(c)])
+                _, pooled = model(ids, torch.ones_like(ids, dtype=torch.bool), pixels=alone)
+                slow[i, c] = finetune_retrieval.rank_scores(model, pooled)
+            _, pooled = model(ids, torch.ones_like(ids, dtype=torch.bool), images=image,  # one pair fully alone
+                              image_mask=data.collate([{"image": images[i]}])["image_mask"])
+            assert finetune_retrieval.rank_scores(model, pooled).item() == pytest.approx(slow[i, c].item(), abs=1e-6)
+    assert torch.allclose(fast[:, some], slow[:, some], atol=1e-4, rtol=1e-5), (fast - slow).abs().max()
+    assert fast.std() > 0.1  # the scores are far from constant, so the comparison means something
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(corpus, tokenizer, tmp_path):
+    ckpt = str(tmp_path / "model.pt")
+    save_retrieval_checkpoint(tiny_model(tokenizer.vocab_size), tokenizer, ckpt)
+    args = ["retrieval", f"--checkpoint={ckpt}", f"--data-root={corpus}", "--dataset=flickr30k", "--split=val",
+            "--dtype=fp32", "--num-workers=0", "--batch-size=8"]  # 5 images: the processes get 3 and 2
+    one = evaluate.main([*args, f"--save-scores={tmp_path / 'one.pt'}", f"--out={tmp_path / 'one.json'}"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "evaluate.py", *args, f"--save-scores={tmp_path / 'two.pt'}", f"--out={tmp_path / 'two.json'}"],
+                         cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert a["scores"].shape == (5, 25) and torch.allclose(a["scores"], b["scores"], atol=1e-5)
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["processes"] == 2 and {k: two[k] for k in one if k.startswith(("tr_", "ir_"))} == \
+        {k: one[k] for k in one if k.startswith(("tr_", "ir_"))}
+    assert one["pairs"] == 125 and one["pairs_per_s"] > 0 and one["transformer_pairs_per_s"] >= one["pairs_per_s"]
+
+
+# -----------------------------------------------------------------------------
+# The ranking loss
+
+
+def test_hard_negative_gradient_reaches_exactly_the_hardest():
+    torch.manual_seed(0)
+    B, C = 3, 21
+    theta = torch.randn(B * C, requires_grad=True)  # one free score per pair row
+    candidates = torch.randperm(B * C).view(B, C)  # rows in any order; column 0 is the ground truth
+    calls = []
+
+    def score(rows):
+        calls.append(torch.is_grad_enabled())
+        return theta[rows] * 1.0
+    loss = finetune_retrieval.hard_negative_loss(score, candidates, num_hard=5)
+    loss.backward()
+    assert calls == [False, True]  # all 21 without gradient, then the chosen 6 with it
+    full = theta.detach()[candidates]  # (B, C)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(full, torch.zeros(B, dtype=torch.long),
+                                                                          reduction="sum").item())
+    for b in range(B):
+        hardest = set(candidates[b, 1:][full[b, 1:].topk(5).indices].tolist())
+        reached = set(candidates[b][theta.grad[candidates[b]] != 0].tolist())
+        assert reached == {int(candidates[b, 0])} | hardest
+    assert theta.grad[candidates[:, 0]].lt(0).all()  # the ground truth is pushed up
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning
+
+
+def finetune_args(corpus, out, **overrides):
+    args = dict(data_root=corpus, out_dir=out, init="", model="tiny", image_min_size=64, image_max_size=96, batch_size=8,
+                global_batch=8, negatives=20, epochs=1, num_workers=0, dtype="fp32", dropout=0.0, eval_pairs=128,
+                log_every=1, warmup_steps=0, seed=0)
+    args.update(overrides)
+    return [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+
+
+def test_cnn_is_frozen_and_rank_head_starts_from_itm(corpus, tokenizer, tmp_path):
+    torch.manual_seed(0)
+    pre = PixelBert(PixelBertConfig.tiny(vocab_size=tokenizer.vocab_size))
+    path = str(tmp_path / "pre.pt")
+    common.save_checkpoint({"model": pre.state_dict(), "model_config": asdict(pre.config),
+                            "vocab": tokenizer.vocab_tokens(), "task": "pretrain"}, path)
+    out = str(tmp_path / "run")
+    test = finetune_retrieval.main(finetune_args(corpus, out, init=path, max_steps=1, lr=1e-3))
+    state = common.load_checkpoint(os.path.join(out, "ckpt_00000001.pt"))["model"]
+    for name, value in pre.state_dict().items():
+        if name.startswith(("cnn.", "itm_head.")):  # frozen, BatchNorm statistics included
+            assert torch.equal(state[name], value), name
+    assert not torch.equal(state["bert.pooler.dense.weight"], pre.state_dict()["bert.pooler.dense.weight"])
+    itm = pre.itm_head.weight.detach()
+    best = common.load_checkpoint(os.path.join(out, "best.pt"))  # step 0 or step 1: at most one step from ITM
+    assert best["task"] == "retrieval" and best["best"]["step"] in (0, 1)
+    assert torch.allclose(best["model"]["rank_head.weight"], itm[1:] - itm[:1], atol=5e-3)
+    # evaluate.py on the saved best checkpoint reproduces the script's own test figures
+    again = evaluate.main(["retrieval", f"--checkpoint={os.path.join(out, 'best.pt')}", f"--data-root={corpus}",
+                           "--dataset=flickr30k", "--dtype=fp32", "--num-workers=0", "--batch-size=16"])
+    assert {k: again[k] for k in test if k != "rsum"} == pytest.approx({k: test[k] for k in test if k != "rsum"},
+                                                                       abs=0.01)
+    assert os.path.exists(os.path.join(out, "retrieval_flickr30k_test.json"))
+
+
+# -----------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input_is_named(corpus, tokenizer, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(corpus, root)
+    with pytest.raises(data.DataError, match="choose flickr30k or coco"):
+        data.retrieval_entries(str(root), "flickr8k", "test")
+    with pytest.raises(data.DataError, match="choose one of train, val, test"):
+        data.retrieval_entries(str(root), "flickr30k", "dev")
+    path = root / "flickr30k/dataset_flickr30k.json"
+    d = json.loads(path.read_text())
+    test_images = [img for img in d["images"] if img["split"] == "test"]
+    os.remove(root / "flickr30k/images" / test_images[1]["filename"])
+    with pytest.raises(data.DataError, match=f"{test_images[1]['filename']}: image of .* not found"):
+        data.retrieval_entries(str(root), "flickr30k", "test")
+    shutil.rmtree(root / "flickr30k/images")
+    with pytest.raises(data.DataError, match="flickr30k/images is missing. Get flickr30k-images"):
+        data.retrieval_entries(str(root), "flickr30k", "test")
+    del d["images"][3]["sentences"][2]["raw"]
+    path.write_text(json.dumps(d))
+    with pytest.raises(data.DataError, match=r"images\[3\]\.sentences\[2\]: field 'raw'"):
+        data.retrieval_entries(str(root), "flickr30k", "train")
+    os.remove(path)
+    with pytest.raises(data.DataError, match="dataset_flickr30k.json is missing. Get Karpathy's splits"):
+        data.retrieval_entries(str(root), "flickr30k", "test")
+    with pytest.raises(SystemExit, match="none.pt: checkpoint not found"):
+        evaluate.main(["retrieval", "--checkpoint", str(tmp_path / "none.pt"), "--data-root", str(root),
+                       "--dataset", "coco"])
+    vqa_like = str(tmp_path / "vqa.pt")
+    common.save_checkpoint({"model": {"vqa_head.0.weight": torch.zeros(1)}, "task": "vqa"}, vqa_like)
+    with pytest.raises(SystemExit, match="neither a retrieval nor a pre-training checkpoint"):
+        evaluate.main(["retrieval", "--checkpoint", vqa_like, "--data-root", corpus, "--dataset", "flickr30k"])
+    with pytest.raises(SystemExit, match="--hard-negatives 6 must be in 1..--negatives"):
+        finetune_retrieval.main(finetune_args(corpus, str(tmp_path / "x"), negatives=5, hard_negatives=6))
+    captions = data.RetrievalCaptions(data.retrieval_entries(corpus, "flickr30k", "val"), tokenizer)
+    with pytest.raises(data.DataError, match="lower --negatives"):
+        data.RetrievalPairs(corpus, captions, 64, 96, negatives=21)
