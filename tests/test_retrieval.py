@@ -286,3 +286,41 @@ def test_bad_input_is_named(corpus, tokenizer, tmp_path):
     captions = data.RetrievalCaptions(data.retrieval_entries(corpus, "flickr30k", "val"), tokenizer)
     with pytest.raises(data.DataError, match="lower --negatives"):
         data.RetrievalPairs(corpus, captions, 64, 96, negatives=21)
+
+
+# -----------------------------------------------------------------------------
+# Reliability: exact resume, unreadable training images
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    """Two steps straight, or one step then --resume for the second: the same weights (dropout
+    on, so the per-step seeds matter, and the step-1 validation runs only in the first)."""
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    finetune_retrieval.main(finetune_args(corpus, straight, max_steps=2, dropout=0.1, lr=1e-3))
+    finetune_retrieval.main(finetune_args(corpus, interrupted, max_steps=1, dropout=0.1, lr=1e-3))
+    finetune_retrieval.main(finetune_args(corpus, interrupted, max_steps=2, dropout=0.1, lr=1e-3) + ["--resume"])
+    a, b = (common.load_checkpoint(os.path.join(d, "ckpt_00000002.pt")) for d in (straight, interrupted))
+    assert a["step"] == b["step"] == 2
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
+    with pytest.raises(SystemExit, match="--seed 0 -> 1"):
+        finetune_retrieval.main(finetune_args(corpus, interrupted, max_steps=3, seed=1) + ["--resume"])
+    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+        finetune_retrieval.main(finetune_args(corpus, str(tmp_path / "new"), max_steps=1) + ["--resume"])
+
+
+def test_skip_bad_images(corpus, tmp_path, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(corpus, root)
+    train = [img for img in json.loads((root / "flickr30k/dataset_flickr30k.json").read_text())["images"]
+             if img["split"] == "train"]
+    os.remove(root / "flickr30k/images" / train[0]["filename"])
+    (root / "flickr30k/images" / train[1]["filename"]).write_bytes(b"not a jpeg")
+    with pytest.raises(data.DataError, match=f"{train[0]['filename']}: image of .* not found"):
+        finetune_retrieval.main(finetune_args(str(root), str(tmp_path / "a"), max_steps=1))
+    # one epoch: every training image is drawn; the two bad ones are reported once each and skipped
+    finetune_retrieval.main(finetune_args(str(root), str(tmp_path / "b"), global_batch=16, batch_size=16) +
+                            ["--skip-bad-images"])
+    out = capsys.readouterr().out
+    assert out.count("--skip-bad-images: skipped") == 2 and train[1]["filename"] in out
+    assert "--skip-bad-images: 2 unreadable images skipped" in out
