@@ -5,6 +5,7 @@ a short fine-tuning run, and the errors for bad input."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -292,13 +293,25 @@ def test_bad_input_is_named(corpus, tokenizer, tmp_path):
 # Reliability: exact resume, unreadable training images
 
 
-def test_resume_continues_exactly(corpus, tmp_path):
-    """Two steps straight, or one step then --resume for the second: the same weights (dropout
-    on, so the per-step seeds matter, and the step-1 validation runs only in the first)."""
+def test_resume_continues_exactly(corpus, tmp_path, monkeypatch):
+    """Two steps straight, or SIGTERM during step 1 (exit 75 after its checkpoint) then --resume:
+    the same weights (dropout on, so the per-step seeds matter)."""
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    finetune_retrieval.main(finetune_args(corpus, straight, max_steps=2, dropout=0.1, lr=1e-3))
-    finetune_retrieval.main(finetune_args(corpus, interrupted, max_steps=1, dropout=0.1, lr=1e-3))
-    finetune_retrieval.main(finetune_args(corpus, interrupted, max_steps=2, dropout=0.1, lr=1e-3) + ["--resume"])
+    args = dict(max_steps=2, dropout=0.1, lr=1e-3)
+    finetune_retrieval.main(finetune_args(corpus, straight, **args))
+    train_step = common.train_step
+
+    def signalled_train_step(*a):
+        if a[-1] == 0:  # 0-based step: the signal arrives while the first step runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(*a)
+    monkeypatch.setattr(common, "train_step", signalled_train_step)
+    with pytest.raises(SystemExit) as stopped:
+        finetune_retrieval.main(finetune_args(corpus, interrupted, **args))
+    assert stopped.value.code == common.EXIT_PREEMPTED
+    assert [os.path.basename(p) for p in common.step_checkpoints(interrupted)] == ["ckpt_00000001.pt"]
+    monkeypatch.setattr(common, "train_step", train_step)
+    finetune_retrieval.main(finetune_args(corpus, interrupted, **args) + ["--resume"])
     a, b = (common.load_checkpoint(os.path.join(d, "ckpt_00000002.pt")) for d in (straight, interrupted))
     assert a["step"] == b["step"] == 2
     for k in a["model"]:
