@@ -313,7 +313,8 @@ def main(argv=None):
 
     def ranking_loss(batch, num_images):
         """hard_negative_loss over this micro-batch's images, divided by the images of the whole
-        global batch (fewer than --global-batch when --skip-bad-images dropped some). The frozen CNN runs once per image; the graph starts at the visual embedding."""
+        global batch (fewer than --global-batch when --skip-bad-images dropped some). The frozen
+        CNN runs once per image; the graph starts at the visual embedding."""
         with common.autocast(ddp.device, cfg.dtype):
             pixels = raw_model.encode_image(batch["images"], batch["image_mask"])
 
