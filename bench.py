@@ -15,7 +15,7 @@ one run, since absolute figures move with whatever else runs on the machine.
 """
 
 import copy
-import json
+import gc
 import os
 import platform
 import sys
@@ -43,7 +43,8 @@ class Config:
     image_min_size: int = 0  # the resize rule of the step's images (paper: 800 / 1333 for r50)
     image_max_size: int = 0
     source_size: str = "640x480"  # WxH of the source images (COCO's typical landscape photo)
-    batch_size: int = 0  # pairs (pre-training) or questions (VQA) per step
+    batch_size: int = 0  # pairs (pre-training) or questions (VQA) per micro-batch
+    accum: int = 0  # micro-batches per optimiser step: training accumulates to a global batch of 4096
     text_len: int = 16  # tokens per text with [CLS] and [SEP] (COCO captions: ~11 words)
     pixel_samples: int = 100  # pre-training's pixel random sampling (paper 3.3)
     captions_per_image: int = 4  # for the row that shares one CNN pass among several captions
@@ -52,27 +53,34 @@ class Config:
     warmup: int = -1  # untimed steps per row, where compilation happens (-1: the device's default)
     rows: str = ""  # comma-separated row names to run (default: all of the device's rows)
     loader_images: int = 0  # JPEGs decoded for the data-loading row
+    threads: int = 0  # CPU threads (0: PyTorch's default, one per core)
     quick: bool = False  # a smoke test in seconds: the tiny model on tiny images
     out: str = ""  # JSON path (default runs/bench/<device>_<model>.json)
     seed: int = 0
 
 
 # CPU: 2 cores cannot train r50 at 800x1333 in a 5-minute benchmark, so the CPU default keeps
-# r50 (its matrix shapes are the ones that matter) on 640x480 sources resized to 384 / 640.
-# --quick uses the tiny model with torchvision's stem width (64), so its baseline exists.
+# r50 (its matrix shapes are the ones that matter) on 640x480 sources resized to 224 / 373, and
+# runs one thread: on a machine shared with other jobs, two OpenMP threads keep waiting for each
+# other at every operator (measured under load 6: 18 s per bf16 step with two threads, 2.9 s with
+# one). Pass --threads 2 on an idle machine. --quick uses the tiny model with torchvision's stem
+# width (64), so that its baseline exists.
 DEFAULTS = {
-    "cpu": dict(model="r50", image_min_size=384, image_max_size=640, batch_size=4, steps=3, warmup=1,
-                loader_images=24),
-    "cuda": dict(model="r50", image_min_size=800, image_max_size=1333, batch_size=8, steps=10, warmup=3,
+    "cpu": dict(model="r50", image_min_size=224, image_max_size=373, batch_size=4, accum=1, steps=2, warmup=1,
+                loader_images=16, threads=1),
+    "cuda": dict(model="r50", image_min_size=800, image_max_size=1333, batch_size=8, accum=4, steps=10, warmup=3,
                  loader_images=64),
-    "quick": dict(model="tiny", image_min_size=64, image_max_size=96, batch_size=4, steps=1, loader_images=4),
+    "quick": dict(model="tiny", image_min_size=64, image_max_size=96, batch_size=4, accum=1, steps=1,
+                  loader_images=4, threads=1),
 }
 
-# The training rows, each one flag away from the row before it. Columns: name, task, precision,
+# The training rows, each one flag away from the row before it (fp32 +cl +fused is bf16's
+# like-for-like reference). Columns: name, task, precision,
 # channels_last, fused optimisers, torch.compile, captions per image (1: the paper; 0: --captions-per-image),
 # model (ours, or the torchvision + transformers baseline).
 ROWS = [
     ("pretrain fp32", "pretrain", "fp32", False, False, False, 1, "ours"),
+    ("pretrain fp32 +cl +fused", "pretrain", "fp32", True, True, False, 1, "ours"),
     ("pretrain bf16", "pretrain", "bf16", False, False, False, 1, "ours"),
     ("pretrain bf16 +channels_last", "pretrain", "bf16", True, False, False, 1, "ours"),
     ("pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, 1, "ours"),
@@ -82,7 +90,6 @@ ROWS = [
     ("baseline pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, 1, "baseline"),
     ("vqa fp32", "vqa", "fp32", False, False, False, 1, "ours"),
     ("vqa bf16 +cl +fused", "vqa", "bf16", True, True, False, 1, "ours"),
-    ("baseline vqa bf16 +cl +fused", "vqa", "bf16", True, True, False, 1, "baseline"),
 ]
 # torch.compile of the forward and backward takes minutes on 2 cores (4.5 for r50, 3 for tiny,
 # measured): on the CPU the compile row runs only when asked for with --rows.
@@ -261,7 +268,8 @@ def step_batch(cfg, task, texts, captions_per_image, vocab_size, gen):
     for _ in range(texts // captions_per_image):
         pairs = []
         for _ in range(captions_per_image):
-            ids = [2] + torch.randint(5, vocab_size, (cfg.text_len - 2,), generator=gen).tolist() + [3]  # [CLS] .. [SEP]
+            words = torch.randint(5, vocab_size, (cfg.text_len - 2,), generator=gen).tolist()
+            ids = [2, *words, 3]  # [CLS] words [SEP]
             if task == "pretrain":
                 labels = [data.IGNORE] * cfg.text_len
                 for i in torch.randperm(cfg.text_len - 2, generator=gen)[: max(1, round(0.15 * (cfg.text_len - 2)))]:
@@ -318,60 +326,88 @@ def saved_activation_bytes(fn):
     return sum(seen.values()), out
 
 
-def run_row(cfg, row, base_models, device, tmp):
-    """Train `steps` timed steps (after `warmup` untimed ones) of one row's variant on one
-    fixed batch; returns the measured figures."""
-    name, task, dtype, channels_last, fused, compile, per_image, impl = row
-    per_image = per_image or cfg.captions_per_image
-    if cfg.batch_size % per_image:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of {per_image} captions per image")
-    raw = copy.deepcopy(base_models[(task, impl)]).to(device).train()
-    if channels_last:
-        raw.cnn.to(memory_format=torch.channels_last)
-    optimizers = make_optimizers(raw, fused=fused or None)
-    model = torch.compile(raw) if compile else raw
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    c = raw.config
-    batch = step_batch(cfg, task, cfg.batch_size, per_image, c.vocab_size, torch.Generator().manual_seed(cfg.seed))
-    batch = common.batch_to_device(batch, device, channels_last)
-    if task == "pretrain":
-        def loss_fn(b):
-            return pretrain_losses(model, raw, b, device, dtype, cfg.pixel_samples)
-    else:
-        def loss_fn(b):
-            return vqa_losses(model, raw, b, device, dtype)
+class RowRun:
+    """One row's variant, built and warmed up: step() trains one timed step on a fixed batch and
+    returns its seconds; figures() turns the timings into the table's columns. The memory is
+    measured on a warm-up step, so rows timed in alternation do not mix their peaks."""
 
-    def step(i):
-        return common.train_step(model, [batch], loss_fn, optimizers, scaler, raw.parameters(), 10.0, tmp, i)
+    def __init__(self, cfg, row, base_models, device, tmp):
+        name, task, dtype, channels_last, fused, compile, per_image, impl = row
+        per_image = per_image or cfg.captions_per_image
+        if cfg.batch_size % per_image:
+            raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of {per_image} captions per image")
+        raw = copy.deepcopy(base_models[(task, impl)]).to(device).train()
+        if channels_last:
+            raw.cnn.to(memory_format=torch.channels_last)
+        optimizers = make_optimizers(raw, fused=fused or None)
+        model = torch.compile(raw) if compile else raw
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        batch = step_batch(cfg, task, cfg.batch_size, per_image, raw.config.vocab_size,
+                           torch.Generator().manual_seed(cfg.seed))
+        batch = common.batch_to_device(batch, device, channels_last)
+        if task == "pretrain":
+            def loss_fn(b):
+                return pretrain_losses(model, raw, b, device, dtype, cfg.pixel_samples)
+        else:
+            def loss_fn(b):
+                return vqa_losses(model, raw, b, device, dtype)
 
-    for i in range(cfg.warmup):
-        step(i)
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    times = []
-    for i in range(cfg.steps):
+        def train_step():
+            return common.train_step(model, [batch] * cfg.accum, loss_fn, optimizers, scaler, raw.parameters(), 10.0,
+                                     tmp, 0)[0]
+
+        for i in range(cfg.warmup - 1):
+            train_step()
         sync(device)
+        if device.type == "cuda":  # what a step adds to weights and optimiser state: activations, gradients
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            train_step()
+            sync(device)
+            self.memory = (torch.cuda.max_memory_allocated(device) - before) / cfg.batch_size
+        else:
+            self.memory = saved_activation_bytes(lambda: loss_fn(batch))[0] / cfg.batch_size
+            if cfg.warmup > 0:
+                train_step()
+        self.cfg, self.task, self.config, self.batch, self.device = cfg, task, raw.config, batch, device
+        self.train_step, self.times = train_step, []
+
+    def step(self):
+        sync(self.device)
         t = time.perf_counter()
-        losses, _ = step(cfg.warmup + i)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    if device.type == "cuda":  # what the step adds on top of weights, gradients and optimiser state
-        memory = (torch.cuda.max_memory_allocated(device) - before) / cfg.batch_size
-    else:
-        memory = saved_activation_bytes(lambda: loss_fn(batch))[0] / cfg.batch_size
-    images, (H, W) = batch["images"].shape[0], batch["images"].shape[2:]
-    stride = CNN_STRIDE * c.pixel_pool
-    pixels = batch["image_mask"][0, ::stride, ::stride].numel()  # pixel tokens of one padded image
-    pixels = min(cfg.pixel_samples, pixels) if task == "pretrain" and cfg.pixel_samples else pixels
-    masked = int((batch["mlm_labels"] != data.IGNORE).sum()) if task == "pretrain" else 0
-    flops = train_flops(c, images, H, W, cfg.batch_size, batch["input_ids"].shape[1], pixels, masked,
-                        cfg.num_answers)
-    seconds = min(times)  # other processes only ever add time: the fastest step is the least disturbed
-    return {"samples_per_s": cfg.batch_size / seconds, "step_ms": 1000 * seconds, "flops_per_step": flops,
-            "tflops": flops / seconds / 1e12, "mem_mb_per_sample": memory / 2 ** 20,
-            "loss": [round(v, 4) for v in losses.tolist()]}
+        self.losses = self.train_step()
+        sync(self.device)
+        self.times.append(time.perf_counter() - t)
+
+    def figures(self):
+        cfg, c, batch = self.cfg, self.config, self.batch
+        images, (H, W) = batch["images"].shape[0], batch["images"].shape[2:]
+        stride = CNN_STRIDE * c.pixel_pool
+        pixels = batch["image_mask"][0, ::stride, ::stride].numel()  # pixel tokens of one padded image
+        pixels = min(cfg.pixel_samples, pixels) if self.task == "pretrain" and cfg.pixel_samples else pixels
+        masked = int((batch["mlm_labels"] != data.IGNORE).sum()) if self.task == "pretrain" else 0
+        flops = cfg.accum * train_flops(c, images, H, W, cfg.batch_size, batch["input_ids"].shape[1], pixels,
+                                        masked, cfg.num_answers)
+        seconds = min(self.times)  # other processes only ever add time: the fastest step is the least disturbed
+        return {"samples_per_s": cfg.batch_size * cfg.accum / seconds, "step_ms": 1000 * seconds,
+                "flops_per_step": flops, "tflops": flops / seconds / 1e12, "mem_mb_per_sample": self.memory / 2 ** 20,
+                "loss": [round(v, 4) for v in self.losses.tolist()]}
+
+
+def row_groups(wanted):
+    """The rows in ROWS order, each baseline row in one group with our row of the same flags:
+    a group's rows are timed in alternation, so a load change on the machine hits both alike."""
+    groups, by_flags = [], {}
+    for row in ROWS:
+        if row[0] not in wanted:
+            continue
+        partner = by_flags.get(row[1:7]) if row[7] == "baseline" else None
+        if partner is not None:
+            partner.append(row)
+        else:
+            groups.append([row])
+            by_flags[row[1:7]] = groups[-1]
+    return groups
 
 
 # -----------------------------------------------------------------------------
@@ -456,15 +492,17 @@ def device_name(device):
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor() or "unknown CPU"
-    return f"{model}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{model}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def format_table(result):
     m = result["meta"]
     lines = [f"Pixel-BERT bench: {m['device_name']} | torch {m['torch']} | {m['date']}",
              f"model {m['model']}, {m['image']} images ({m['source_size']} sources, resize rule {m['resize_rule']}), "
-             f"batch {m['batch_size']} texts x {m['text_len']} tokens, pre-training samples {m['pixel_samples']} "
-             f"pixels; {m['steps']} timed steps after {m['warmup']} warm-up (fastest)",
+             f"{m['accum']} micro-batches of {m['batch_size']} texts x {m['text_len']} tokens per step, "
+             f"pre-training samples {m['pixel_samples']} pixels; {m['steps']} timed steps after {m['warmup']} "
+             f"warm-up (fastest)",
              f"measured matmul peak: fp32 {result['peak_tflops']['fp32']:.2f} TFLOP/s, "
              f"bf16 {result['peak_tflops']['bf16']:.2f} TFLOP/s",
              "", "| row | samples/s | step ms | TFLOP/s | of peak | memory MB/sample | vs baseline | note |",
@@ -477,6 +515,8 @@ def format_table(result):
                      f"{r['peak_fraction']:.1%} | {r['mem_mb_per_sample']:.0f} | {r.get('vs_baseline', '')} | "
                      f"{r.get('note', '')} |")
     lines.append(f"\nmemory: {m['memory_note']}")
+    if m["precision_note"]:
+        lines.append(f"precision: {m['precision_note']}")
     if "loading" in result:
         ld = result["loading"]
         lines.append(f"data loading: {ld['images_per_s_per_worker']:.1f} images/s per worker decoding "
@@ -487,7 +527,7 @@ def format_table(result):
         p = result["padding"]
         lines.append(f"aspect-ratio grouping ({p['batch_size']} images per batch, {p['mix']}): padded pixels "
                      f"{p['ungrouped']:.1%} without, {p['grouped']:.1%} with")
-    lines.append("retrieval scoring: " + result.get("retrieval", "not measured yet"))
+    lines.append("retrieval scoring: " + result.get("retrieval", "not measured yet (needs the retrieval evaluation)"))
     return "\n".join(lines)
 
 
@@ -504,6 +544,8 @@ def main(argv=None):
     cfg = replace(cfg, **{k: v for k, v in defaults.items() if not getattr(cfg, k)})
     cfg.warmup = cfg.warmup if cfg.warmup >= 0 else defaults.get("warmup", 0)
     device = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = cfg.out or os.path.join("runs", "bench", f"{cfg.device}_{cfg.model}{'_quick' if cfg.quick else ''}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     names = [r[0] for r in ROWS]
@@ -527,11 +569,14 @@ def main(argv=None):
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": cfg.model,
                        "image": f"{w}x{h}", "source_size": cfg.source_size,
                        "resize_rule": f"{cfg.image_min_size}/{cfg.image_max_size}", "batch_size": cfg.batch_size,
+                       "accum": cfg.accum,
                        "text_len": cfg.text_len, "pixel_samples": cfg.pixel_samples, "steps": cfg.steps,
                        "warmup": cfg.warmup,
                        "memory_note": "CUDA: peak allocated during the step beyond weights and optimiser state "
                                       "(activations and gradients)" if device.type == "cuda" else
-                                      "CPU: bytes autograd saves for the backward pass (activations)"},
+                                      "CPU: bytes autograd saves for the backward pass (activations)",
+                       "precision_note": "fp32 on CUDA: convolutions in TF32 (cuDNN's default), matrix products in "
+                                         "full fp32 (PyTorch's default)" if device.type == "cuda" else ""},
               "rows": []}
 
     def save():
@@ -543,34 +588,45 @@ def main(argv=None):
                              for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     progress(f"matmul peak {result['peak_tflops']}")
 
-    # ---- training rows
-    base_models = {}
+    # ---- training rows; ours and the baseline with the same flags in alternation
+    base_models, entries = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for row in ROWS:
-            name, task, dtype, impl = row[0], row[1], row[2], row[7]
-            if name not in wanted:
-                continue
-            entry = {"name": name, "task": task, "dtype": dtype, "channels_last": row[3], "fused": row[4],
-                     "compile": row[5], "captions_per_image": row[6] or cfg.captions_per_image, "impl": impl}
-            try:
-                if (task, impl) not in base_models:
-                    c = c_pre if task == "pretrain" else c_vqa
-                    torch.manual_seed(cfg.seed)
-                    base_models[(task, impl)] = PixelBert(c) if impl == "ours" else GluedBaseline(c)
-                entry.update(run_row(cfg, row, base_models, device, tmp))
-                entry["peak_fraction"] = entry["tflops"] / result["peak_tflops"][dtype]
-            except ImportError as e:
-                entry["skipped"] = f"skipped: {e}"
-            except Exception as e:  # one failing variant is recorded, the others still run
-                entry["error"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                traceback.print_exc()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            result["rows"].append(entry)
-            progress(f"{entry['name']}: " + (entry.get("error") or entry.get("skipped") or
-                                             f"{entry['samples_per_s']:.2f} samples/s, {entry['tflops']:.3f} "
-                                             f"TFLOP/s ({entry['peak_fraction']:.1%} of peak), "
-                                             f"{entry['mem_mb_per_sample']:.0f} MB/sample"))
+        for group in row_groups(wanted):
+            runs = {}
+            for row in group:
+                name, task, dtype, impl = row[0], row[1], row[2], row[7]
+                entries[name] = {"name": name, "task": task, "dtype": dtype, "channels_last": row[3],
+                                 "fused": row[4], "compile": row[5],
+                                 "captions_per_image": row[6] or cfg.captions_per_image, "impl": impl}
+                try:
+                    if (task, impl) not in base_models:
+                        c = c_pre if task == "pretrain" else c_vqa
+                        torch.manual_seed(cfg.seed)
+                        base_models[(task, impl)] = PixelBert(c) if impl == "ours" else GluedBaseline(c)
+                    runs[name] = RowRun(cfg, row, base_models, device, tmp)
+                except Exception as e:
+                    record_failure(entries[name], e, device)
+            for _ in range(cfg.steps):
+                for name, run in list(runs.items()):
+                    try:
+                        run.step()
+                    except Exception as e:
+                        record_failure(entries[name], e, device)
+                        del runs[name]
+            for name, run in runs.items():
+                entries[name].update(run.figures())
+                entries[name]["peak_fraction"] = entries[name]["tflops"] / result["peak_tflops"][entries[name]["dtype"]]
+            del runs
+            gc.collect()  # the group's models and optimiser states go before the next group is built
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            for row in group:
+                entry = entries[row[0]]
+                progress(f"{entry['name']}: " + (entry.get("error") or entry.get("skipped") or
+                                                 f"{entry['samples_per_s']:.2f} samples/s, {entry['tflops']:.3f} "
+                                                 f"TFLOP/s ({entry['peak_fraction']:.1%} of peak), "
+                                                 f"{entry['mem_mb_per_sample']:.0f} MB/sample"))
+            result["rows"] = [entries[row[0]] for row in ROWS if row[0] in entries]
             save()
     compare_rows(result["rows"])
 
@@ -588,13 +644,26 @@ def main(argv=None):
                          **padding_fractions(32, 800, 1333, seed=cfg.seed)}
 
     # ---- retrieval scoring: pairs/s with cached pixel tokens vs the transformer alone.
-    # Left for the retrieval evaluation (another branch); the lead adds this row after merging it.
+    # To be added together with the retrieval evaluation (written on another branch): it sets
+    # result["retrieval"] to a one-line summary, which format_table prints.
 
     result["meta"]["seconds"] = round(time.time() - t_start, 1)
     save()
     table = format_table(result)
     print("\n" + table + f"\n\nwritten to {out} ({result['meta']['seconds']:.0f} s)")
     return result
+
+
+def record_failure(entry, error, device):
+    """A failing variant is recorded in the table (a missing optional package as skipped), and
+    the run goes on with the other rows."""
+    if isinstance(error, ImportError):
+        entry["skipped"] = f"skipped: {error}"
+        return
+    entry["error"] = f"error: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    traceback.print_exc()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def compare_rows(rows):
