@@ -16,6 +16,14 @@ from model import PixelBert
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """bench.main sets the process's thread count (--threads); give the next tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_cfg(**overrides):
     return bench.Config(**{**dict(device="cpu", model="tiny", quick=True, image_min_size=64, image_max_size=96,
                                   batch_size=4, text_len=12, pixel_samples=3, num_answers=7,
