@@ -564,8 +564,7 @@ def main(argv=None):
     c_pre = model_config(cfg.model, cfg.quick, heads=("mlm", "itm"))
     c_vqa = model_config(cfg.model, cfg.quick, heads=("vqa",), num_answers=cfg.num_answers)
     w, h = step_image_size(cfg)
-    result = {"meta": {"command": "python " + " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None
-                                                                                          else list(argv))),
+    result = {"meta": {"command": " ".join(["python bench.py", *(sys.argv[1:] if argv is None else argv)]),
                        "config": asdict(cfg), "device_name": device_name(device), "torch": torch.__version__,
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": cfg.model,
                        "image": f"{w}x{h}", "source_size": cfg.source_size,
