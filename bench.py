@@ -53,6 +53,8 @@ class Config:
     warmup: int = -1  # untimed steps per row, where compilation happens (-1: the device's default)
     rows: str = ""  # comma-separated row names to run (default: all of the device's rows)
     loader_images: int = 0  # JPEGs decoded for the data-loading row
+    retrieval_images: int = 0  # retrieval scoring: images x captions, every pair scored (the full protocol's shape)
+    retrieval_captions: int = 0
     threads: int = 0  # CPU threads (0: PyTorch's default, one per core)
     quick: bool = False  # a smoke test: the tiny model on tiny images
     out: str = ""  # JSON path (default runs/bench/<device>_<model>.json)
@@ -67,11 +69,11 @@ class Config:
 # width (64), so that its baseline exists.
 DEFAULTS = {
     "cpu": dict(model="r50", image_min_size=224, image_max_size=373, batch_size=4, accum=1, steps=2, warmup=1,
-                loader_images=16, threads=1),
+                loader_images=16, threads=1, retrieval_images=2, retrieval_captions=64),
     "cuda": dict(model="r50", image_min_size=800, image_max_size=1333, batch_size=8, accum=4, steps=10, warmup=3,
-                 loader_images=64),
+                 loader_images=64, retrieval_images=16, retrieval_captions=5000),
     "quick": dict(model="tiny", image_min_size=64, image_max_size=96, batch_size=4, accum=1, steps=1,
-                  loader_images=4, threads=1),
+                  loader_images=4, threads=1, retrieval_images=2, retrieval_captions=32),
 }
 
 # The training rows, each one flag away from the row before it (fp32 +cl +fused is bf16's
@@ -457,6 +459,50 @@ def loading_rate(cfg, folder, min_size, max_size):
     return len(paths) / seconds, tuple(batches[0]["images"].shape)
 
 
+class RandomCaptions:
+    """What retrieval_scores reads of a caption set (data.RetrievalCaptions): the image paths, and
+    `count` captions, here text_len - 2 random word pieces each."""
+
+    def __init__(self, image_paths, count, text_len, vocab_size, seed):
+        self.image_paths = image_paths
+        self.ids = np.random.default_rng(seed).integers(5, vocab_size, (count, text_len - 2)).tolist()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def input_ids(self, c):
+        return [2, *self.ids[c], 3]  # [CLS] and [SEP] stand-ins: the cost does not depend on the ids
+
+
+def retrieval_rates(cfg, device, folder):
+    """finetune_retrieval.retrieval_scores (what `evaluate.py retrieval` runs: the CNN once per
+    image, cached pixel tokens, large batches of pairs under bf16 autocast) on retrieval_images
+    JPEGs x retrieval_captions captions: pairs/s of the whole and of the transformer alone, and
+    the full protocols' hours at that rate (1K x 5K pairs for Flickr30K, 5K x 25K for COCO)."""
+    from finetune_retrieval import retrieval_scores
+    torch.manual_seed(cfg.seed)
+    model = PixelBert(model_config(cfg.model, cfg.quick, heads=("rank",))).to(device)
+    model.cnn.to(memory_format=torch.channels_last)
+    paths = write_jpegs(folder, cfg.retrieval_images, source_wh(cfg), cfg.seed)
+    ddp = common.Dist(0, 0, 1, device)
+    warm = RandomCaptions(paths[:1], 8, cfg.text_len, model.config.vocab_size, cfg.seed)
+    retrieval_scores(model, "", warm, ddp, cfg.image_min_size, cfg.image_max_size, "bf16", num_workers=0,
+                     progress=False)  # CUDA context, cuDNN's algorithm search
+    captions = RandomCaptions(paths, cfg.retrieval_captions, cfg.text_len, model.config.vocab_size, cfg.seed)
+    scores, times = retrieval_scores(model, "", captions, ddp, cfg.image_min_size, cfg.image_max_size, "bf16",
+                                     num_workers=2, progress=False)
+    pairs = scores.numel()
+    per_image, per_pair = times["encode_s"] / len(paths), times["transformer_s"] / pairs
+
+    def protocol(images, captions):  # seconds, and the transformer's share, of a full protocol at these costs
+        total = images * per_image + images * captions * per_pair
+        return total, images * captions * per_pair / total
+    (flickr_s, flickr_ratio), (coco_s, _) = protocol(1000, 5000), protocol(5000, 25000)
+    return {"images": len(paths), "captions": len(captions), "dtype": "bf16", "pairs_per_s": pairs / times["total_s"],
+            "transformer_pairs_per_s": 1 / per_pair, "ratio": times["transformer_s"] / times["total_s"],
+            "flickr30k_ratio": flickr_ratio, "flickr30k_1k_h": flickr_s / 3600, "coco_5k_h": coco_s / 3600}
+
+
 def padding_fractions(batch_size, min_size, max_size, count=4096, seed=0):
     """Fraction of padded pixels in data.collate's batches of data.MicroBatchSampler, without and
     with its aspect-ratio groups (landscape vs portrait), for an assumed COCO-like size mix:
@@ -528,7 +574,13 @@ def format_table(result):
         p = result["padding"]
         lines.append(f"aspect-ratio grouping ({p['batch_size']} images per batch, {p['mix']}): padded pixels "
                      f"{p['ungrouped']:.1%} without, {p['grouped']:.1%} with")
-    lines.append("retrieval scoring: " + result.get("retrieval", "not measured yet (needs the retrieval evaluation)"))
+    if "retrieval" in result:
+        r = result["retrieval"]
+        lines.append("retrieval scoring: " + (r["error"] if "error" in r else
+                     f"{r['images']} images x {r['captions']} captions ({r['dtype']}): {r['pairs_per_s']:.1f} pairs/s "
+                     f"in all, {r['transformer_pairs_per_s']:.1f} for the transformer alone (ratio {r['ratio']:.3f}; "
+                     f"{r['flickr30k_ratio']:.3f} at Flickr30K's 5,000 captions per image) -> Flickr30K 1Kx5K "
+                     f"{r['flickr30k_1k_h']:.2f} h, COCO 5Kx25K {r['coco_5k_h']:.2f} h on this device"))
     return "\n".join(lines)
 
 
@@ -599,6 +651,16 @@ def main(argv=None):
     progress(f"data loading: {rate:.1f} images/s per worker; padding {result['padding']}")
     save()
 
+    # ---- retrieval scoring: the full protocol's pairs/s, and the transformer's alone
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["retrieval"] = retrieval_rates(cfg, device, tmp)
+        progress(f"retrieval: {result['retrieval']}")
+        save()
+    except Exception as e:
+        result["retrieval"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        traceback.print_exc()
+
     # ---- training rows; ours and the baseline with the same flags in alternation
     base_models, entries = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -648,10 +710,6 @@ def main(argv=None):
         images_per_s = step_row["samples_per_s"]
         result["loading"].update(step_row=step_row["name"], step_images_per_s=images_per_s,
                                  workers_needed=images_per_s / result["loading"]["images_per_s_per_worker"])
-
-    # ---- retrieval scoring: pairs/s with cached pixel tokens vs the transformer alone.
-    # To be added together with the retrieval evaluation (written on another branch): it sets
-    # result["retrieval"] to a one-line summary, which format_table prints.
 
     result["meta"]["seconds"] = round(time.time() - t_start, 1)
     save()

@@ -138,6 +138,10 @@ def test_quick_run_writes_the_table(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| row | samples/s |" in table and all(name in table for name in expected)
     assert "aspect-ratio grouping" in table and "data loading" in table
+    retrieval = result["retrieval"]
+    assert "error" not in retrieval, retrieval
+    assert retrieval["transformer_pairs_per_s"] >= retrieval["pairs_per_s"] > 0 and 0 < retrieval["ratio"] <= 1
+    assert retrieval["coco_5k_h"] > retrieval["flickr30k_1k_h"] > 0 and "retrieval scoring: 2 images x 32" in table
 
 
 def test_bad_arguments_are_named(tmp_path):
