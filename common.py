@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import normalize_images
+from data import Tokenizer, normalize_images
 from model import PixelBert, PixelBertConfig, copy_weights
 
 # -----------------------------------------------------------------------------
@@ -226,6 +226,28 @@ def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
     if cfg.cnn:
         print0(model.load_cnn(cfg.cnn))
     return model
+
+
+def run_demo_pretraining_if_missing(cfg):
+    """The fine-tuning demos start from the demo pre-training's runs/demo_pretrain/final.pt:
+    when it is missing, run `python pretrain.py` first (every torchrun process joins it)."""
+    if cfg.data == "demo" and cfg.init and not os.path.exists(cfg.init):
+        import pretrain  # here, not at the top: pretrain.py imports this module
+        print0(f"{cfg.init} not found: running the demo pre-training first (python pretrain.py)")
+        pretrain.main([])
+
+
+def init_and_tokenizer(cfg):
+    """The --init checkpoint, loaded once ({} without one; build_model takes it), and the run's
+    WordPiece tokenizer from --vocab, else the --bert folder's vocab.txt, else
+    <data-root>/vocab.txt, which must be the vocabulary the checkpoint was trained with."""
+    init_state = load_checkpoint(cfg.init) if cfg.init else {}
+    vocab = cfg.vocab or (os.path.join(cfg.bert, "vocab.txt") if os.path.isdir(cfg.bert) else
+                          os.path.join(cfg.data_root, "vocab.txt"))
+    tokenizer = Tokenizer(vocab, cfg.max_text_len)
+    if init_state.get("vocab") not in (None, tokenizer.vocab_tokens()):
+        raise SystemExit(f"{cfg.init} was trained with another WordPiece vocabulary than {vocab}; pass --vocab")
+    return init_state, tokenizer
 
 
 def resume(out_dir, model, optimizers, scaler, config=None):

@@ -124,10 +124,7 @@ def eval_loader(dataset, images_per_batch, ddp, num_workers):
 
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
-    if cfg.data == "demo" and cfg.init and not os.path.exists(cfg.init):
-        import pretrain  # the demo starts from the demo pre-training: run it first
-        common.print0(f"{cfg.init} not found: running the demo pre-training first (python pretrain.py)")
-        pretrain.main([])
+    common.run_demo_pretraining_if_missing(cfg)
     ddp = common.setup_distributed(cfg.device)
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
@@ -140,12 +137,7 @@ def main(argv=None):
     common.prepare_out_dir(cfg.out_dir, cfg.resume)
 
     # ---- data: questions, the answer vocabulary (from train + val, as is standard), soft targets
-    init_state = common.load_checkpoint(cfg.init) if cfg.init else {}
-    vocab = cfg.vocab or (os.path.join(cfg.bert, "vocab.txt") if os.path.isdir(cfg.bert) else
-                          os.path.join(cfg.data_root, "vocab.txt"))
-    tokenizer = data.Tokenizer(vocab, cfg.max_text_len)
-    if init_state.get("vocab") not in (None, tokenizer.vocab_tokens()):
-        raise SystemExit(f"{cfg.init} was trained with another WordPiece vocabulary than {vocab}; pass --vocab")
+    init_state, tokenizer = common.init_and_tokenizer(cfg)
     train_q, train_a = data.read_vqa(cfg.data_root, cfg.train_split, cfg.minival_images, cfg.skip_bad_images)
     eval_q, eval_a = data.read_vqa(cfg.data_root, cfg.eval_split, cfg.minival_images)
     # The vocabulary comes from all of train + val, whichever parts train and select.

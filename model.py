@@ -116,10 +116,26 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
-    def forward(self, x):
+    def scale_shift(self):  # the per-channel affine map this layer is: y = x * scale + shift
         scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x):
+        scale, shift = self.scale_shift()
         return x * scale.to(x.dtype)[:, None, None] + shift.to(x.dtype)[:, None, None]
+
+
+def conv_norm(conv, norm, x):
+    """norm(conv(x)). A frozen BatchNorm is a per-channel affine map, so it folds into the conv:
+    weights scaled per output channel, the shift as the conv's bias. That replaces two passes over
+    the conv's output in the forward (multiply, add) and one in the backward by one bias add:
+    the r50 pre-training step at 800x1333 on an H200 went from 143 to 152 pairs/s in bf16 and from
+    97 to 107 in fp32 (bench.py). torch.compile fuses the remaining elementwise work too."""
+    if not isinstance(norm, FrozenBatchNorm2d) or conv.bias is not None:
+        return norm(conv(x))
+    scale, shift = norm.scale_shift()
+    weight = conv.weight * scale[:, None, None, None]  # (out, in / groups, kh, kw): still a leaf's function
+    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class BasicBlock(nn.Module):
@@ -135,10 +151,11 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        identity = x if self.downsample is None else conv_norm(*self.downsample, x)
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = conv_norm(self.conv2, self.bn2, out)
+        out += identity  # in place, as torchvision: one activation-sized tensor less per block
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -159,11 +176,12 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        identity = x if self.downsample is None else conv_norm(*self.downsample, x)
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out))
+        out = conv_norm(self.conv3, self.bn3, out)
+        out += identity  # in place, as torchvision: one activation-sized tensor less per block
+        return self.relu(out)
 
 
 class ResNet(nn.Module):
@@ -216,7 +234,7 @@ class ResNet(nn.Module):
         return self
 
     def forward(self, x):  # (B, 3, H, W) -> (B, C, H/32, W/32), sizes rounded up
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 

@@ -114,9 +114,7 @@ def main(argv=None):
     if cfg.data == "demo":
         from synthetic import ensure_demo_corpus
         ensure_demo_corpus(cfg.data_root)
-    vocab = cfg.vocab or (os.path.join(cfg.bert, "vocab.txt") if os.path.isdir(cfg.bert) else
-                          os.path.join(cfg.data_root, "vocab.txt"))
-    tokenizer = data.Tokenizer(vocab, cfg.max_text_len)
+    init_state, tokenizer = common.init_and_tokenizer(cfg)
     train_index = data.caption_index(dataset, cfg.data_root, "train", tokenizer, skip_bad_images=cfg.skip_bad_images)
     val_index = data.caption_index(dataset, cfg.data_root, "val", tokenizer)
     if ddp.world_size > 1 and ddp.is_main:
@@ -156,7 +154,7 @@ def main(argv=None):
                   f"{total_steps} steps, lr / 10 at steps {milestones}")
 
     # ---- model
-    raw_model = common.build_model(cfg, ("mlm", "itm"), tokenizer.vocab_size).to(ddp.device)
+    raw_model = common.build_model(cfg, ("mlm", "itm"), tokenizer.vocab_size, init_state=init_state).to(ddp.device)
     model_cfg = raw_model.config
     if cfg.channels_last:
         raw_model.cnn.to(memory_format=torch.channels_last)

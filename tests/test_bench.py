@@ -1,0 +1,167 @@
+"""bench.py: the analytic FLOP count against PyTorch's operator-level count, the baseline is the
+same computation as ours, and --quick writes a complete table (no timing assertions)."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import common
+from model import PixelBert
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """bench.main sets the process's thread count (--threads); give the next tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_cfg(**overrides):
+    return bench.Config(**{**dict(device="cpu", model="tiny", quick=True, image_min_size=64, image_max_size=96,
+                                  batch_size=4, text_len=12, pixel_samples=3, num_answers=7,
+                                  captions_per_image=2), **overrides})
+
+
+def losses(task, model, batch, cfg):
+    if task == "pretrain":
+        return bench.pretrain_losses(model, model, batch, CPU, "fp32", cfg.pixel_samples)
+    return bench.vqa_losses(model, model, batch, CPU, "fp32")
+
+
+@pytest.mark.parametrize("task,arch,per_image,pool", [
+    ("pretrain", dict(cnn_depth=18), 2, 2),  # BasicBlock, pixel sampling, two captions per image
+    ("vqa", dict(cnn_depth=50, cnn_groups=4, cnn_width_per_group=8), 1, 2),  # grouped Bottleneck (ResNeXt)
+    ("pretrain", dict(cnn_depth=34), 1, 1),  # unpooled pixels, fewer tokens than samples
+])
+def test_flop_count_matches_flop_counter(task, arch, per_image, pool):
+    """train_flops against torch.utils.flop_counter on a real training step (forward + backward);
+    attention runs in the math backend so its matrix products are visible to the counter."""
+    torch.manual_seed(0)
+    cfg = small_cfg(captions_per_image=per_image, pixel_samples=3 if pool == 2 else 100)
+    heads = dict(heads=("mlm", "itm")) if task == "pretrain" else dict(heads=("vqa",), num_answers=7)
+    c = bench.model_config("tiny", True, vocab_size=100, pixel_pool=pool, **heads, **arch)
+    model = PixelBert(c).train()
+    batch = bench.step_batch(cfg, task, 4, per_image, c.vocab_size, torch.Generator().manual_seed(0))
+    batch = common.batch_to_device(batch, CPU, False)
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as forward_counter:
+            loss = losses(task, model, batch, cfg).sum()
+        with FlopCounterMode(display=False) as backward_counter:
+            loss.backward()
+    images, H, W = batch["images"].shape[0], *batch["images"].shape[2:]
+    tokens = batch["image_mask"][0, :: 32 * pool, :: 32 * pool].numel()
+    pixels = min(tokens, cfg.pixel_samples) if task == "pretrain" else tokens
+    masked = int((batch["mlm_labels"] != -100).sum()) if task == "pretrain" else 0
+    assert images == 4 // per_image
+    args = (c, images, H, W, 4, batch["input_ids"].shape[1], pixels, masked, 7)
+    assert bench.train_flops(*args, backward=False) == forward_counter.get_total_flops()
+    if c.cnn_groups == 1:  # the counter charges a grouped conv's input gradient as if ungrouped
+        assert bench.train_flops(*args) == forward_counter.get_total_flops() + backward_counter.get_total_flops()
+
+
+def test_r50_flops_are_the_known_resnet50_count():
+    """ResNet-50 at 224x224 is 4.09 GMACs (torchvision's reported 4.09 GFLOPS counts multiply-adds)."""
+    total, _, channels = bench.cnn_flops(bench.model_config("r50", False), 224, 224)
+    assert channels == 2048 and abs(total / 2 / 1e9 - 4.09) < 0.01
+
+
+@pytest.mark.parametrize("task", ["pretrain", "vqa"])
+def test_baseline_is_the_same_computation(task):
+    """Our weights copied into the torchvision + transformers model give the same outputs, so the
+    ours/baseline ratio compares two implementations of one computation."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    heads = dict(heads=("mlm", "itm")) if task == "pretrain" else dict(heads=("vqa",), num_answers=7)
+    c = bench.model_config("tiny", True, vocab_size=100, dropout=0.0, **heads)
+    ours, glued = PixelBert(c).eval(), bench.GluedBaseline(c).eval()
+    renames = {"visual.proj.": "proj.", "visual.type_embedding": "type_embedding", "itm_head.": "cls.seq_relationship."}
+    state = {}
+    for key, value in ours.state_dict().items():
+        for old, new in renames.items():
+            key = key.replace(old, new) if key.startswith(old) else key
+        state[key] = value
+    missing, unexpected = glued.load_state_dict(state, strict=False)
+    assert not unexpected
+    # itm_head is the NSP classifier under a second name; the decoder is tied to the word embeddings
+    assert set(missing) <= {"itm_head.weight", "itm_head.bias", "cls.predictions.decoder.weight",
+                            "cls.predictions.decoder.bias"}, missing
+    cfg = small_cfg(pixel_samples=0)
+    batch = common.batch_to_device(bench.step_batch(cfg, task, 4, 2, c.vocab_size, torch.Generator().manual_seed(1)),
+                                   CPU, False)
+    batch["text_mask"][0, -3:] = False  # padded text must be masked the same way in both
+    with torch.no_grad():
+        args = (batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"])
+        hidden, pooled = ours(*args, image_index=batch["image_index"])
+        hidden_b, pooled_b = glued(*args, image_index=batch["image_index"])
+        assert torch.allclose(hidden, hidden_b, atol=1e-4) and torch.allclose(pooled, pooled_b, atol=1e-4)
+        if task == "pretrain":
+            assert torch.allclose(ours.mlm_logits(hidden), glued.mlm_logits(hidden), atol=1e-4)
+            assert torch.allclose(ours.itm_head(pooled), glued.itm_head(pooled), atol=1e-5)
+        else:
+            assert torch.allclose(ours.vqa_head(pooled), glued.vqa_head(pooled), atol=1e-5)
+
+
+def test_padding_fractions():
+    fractions = bench.padding_fractions(32, 800, 1333, count=512)
+    assert 0 < fractions["grouped"] < fractions["ungrouped"] < 1
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    result = bench.main(["--quick", "--out", str(out), "--loader-images", "4"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    expected = [name for name, *_ in bench.ROWS if name not in bench.CPU_OPT_IN]
+    assert [r["name"] for r in result["rows"]] == expected
+    for r in result["rows"]:
+        assert "error" not in r, r
+        if "skipped" in r:  # only the baseline rows may be skipped, when transformers is absent
+            assert r["impl"] == "baseline"
+            continue
+        assert r["samples_per_s"] > 0 and r["flops_per_step"] > 0 and 0 < r["peak_fraction"]
+        assert r["mem_mb_per_sample"] > 0 and all(math.isfinite(v) for v in r["loss"])
+    by_name = {r["name"]: r for r in result["rows"]}
+    if "samples_per_s" in by_name["baseline pretrain bf16 +cl +fused"]:
+        ratio = by_name["pretrain bf16 +cl +fused"]["vs_baseline"]
+        assert ratio == by_name["baseline pretrain bf16 +cl +fused"]["vs_baseline"] and float(ratio) > 0
+    assert set(result["peak_tflops"]) == {"fp32", "bf16"}
+    assert result["loading"]["images_per_s_per_worker"] > 0
+    assert result["loading"]["batch_shape"][1:] == [3, 1088, 1088]  # 1067x800 and 800x1067, padded to 64
+    table = capsys.readouterr().out
+    assert "| row | samples/s |" in table and all(name in table for name in expected)
+    assert "aspect-ratio grouping" in table and "data loading" in table
+    retrieval = result["retrieval"]
+    assert "error" not in retrieval, retrieval
+    assert retrieval["transformer_pairs_per_s"] >= retrieval["pairs_per_s"] > 0 and 0 < retrieval["ratio"] <= 1
+    assert retrieval["coco_5k_h"] > retrieval["flickr30k_1k_h"] > 0 and "retrieval scoring: 2 images x 32" in table
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(SystemExit, match="--device tpu: choose cpu or cuda"):
+        bench.main(["--device", "tpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: no CUDA device"):
+            bench.main(["--device", "cuda"])
+    with pytest.raises(SystemExit, match="--rows: unknown"):
+        bench.main(["--quick", "--rows", "pretrain fp64", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="--source-size '640by480': give WIDTHxHEIGHT"):
+        bench.main(["--quick", "--source-size", "640by480", "--rows", "pretrain fp32",
+                    "--out", str(tmp_path / "x.json")])
+
+
+def test_a_failing_row_is_recorded_and_the_run_goes_on(tmp_path):
+    """3 texts cannot share images 2 by 2: that row records the error, the next row still runs."""
+    result = bench.main(["--quick", "--batch-size", "3", "--captions-per-image", "2", "--loader-images", "2",
+                         "--rows", "pretrain bf16 +cl +fused +captions/image,pretrain bf16 +cl +fused",
+                         "--out", str(tmp_path / "x.json")])
+    rows = {r["name"]: r for r in result["rows"]}
+    assert "is not a multiple of 2 captions per image" in rows["pretrain bf16 +cl +fused +captions/image"]["error"]
+    assert rows["pretrain bf16 +cl +fused"]["samples_per_s"] > 0
