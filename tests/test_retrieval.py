@@ -318,6 +318,8 @@ def test_resume_continues_exactly(corpus, tmp_path, monkeypatch):
         torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
     with pytest.raises(SystemExit, match="--seed 0 -> 1"):
         finetune_retrieval.main(finetune_args(corpus, interrupted, max_steps=3, seed=1) + ["--resume"])
+    with pytest.raises(SystemExit, match="--negatives 20 -> 10"):  # each image's captions would differ
+        finetune_retrieval.main(finetune_args(corpus, interrupted, max_steps=3, negatives=10) + ["--resume"])
     with pytest.raises(SystemExit, match="--resume: no checkpoint"):
         finetune_retrieval.main(finetune_args(corpus, str(tmp_path / "new"), max_steps=1) + ["--resume"])
 
