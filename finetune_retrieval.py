@@ -226,10 +226,7 @@ def retrieval_scores(model, root, captions, ddp, min_size, max_size, dtype="bf16
 
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
-    if cfg.data == "demo" and cfg.init and not os.path.exists(cfg.init):
-        import pretrain  # the demo starts from the demo pre-training: run it first
-        common.print0(f"{cfg.init} not found: running the demo pre-training first (python pretrain.py)")
-        pretrain.main([])
+    common.run_demo_pretraining_if_missing(cfg)
     ddp = common.setup_distributed(cfg.device)
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
@@ -242,12 +239,7 @@ def main(argv=None):
     common.prepare_out_dir(cfg.out_dir, cfg.resume)
 
     # ---- data: Karpathy train (COCO: + restval) for training, val for model selection, test at the end
-    init_state = common.load_checkpoint(cfg.init) if cfg.init else {}
-    vocab = cfg.vocab or (os.path.join(cfg.bert, "vocab.txt") if os.path.isdir(cfg.bert) else
-                          os.path.join(cfg.data_root, "vocab.txt"))
-    tokenizer = data.Tokenizer(vocab, cfg.max_text_len)
-    if init_state.get("vocab") not in (None, tokenizer.vocab_tokens()):
-        raise SystemExit(f"{cfg.init} was trained with another WordPiece vocabulary than {vocab}; pass --vocab")
+    init_state, tokenizer = common.init_and_tokenizer(cfg)
     train_captions = data.RetrievalCaptions(data.retrieval_entries(cfg.data_root, dataset, "train",
                                                                    cfg.skip_bad_images), tokenizer)
     val_captions = data.RetrievalCaptions(data.retrieval_entries(cfg.data_root, dataset, "val")[: cfg.eval_images],
