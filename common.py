@@ -283,7 +283,7 @@ def resume(out_dir, model, optimizers, scaler, config=None):
 # Flags that decide which examples each step draws; the number of processes may change on resume
 # (MicroBatchSampler gives step s the same global batch for any split into processes x accumulation).
 RESUME_FIXED = ("data", "global_batch", "seed", "captions_per_image", "questions_per_image", "group_aspect",
-                "train_split", "min_answer_count", "minival_images")
+                "train_split", "min_answer_count", "minival_images", "negatives")
 
 
 def check_same_model(saved, own, source):

@@ -545,10 +545,11 @@ class PretrainPairs(torch.utils.data.Dataset):
 RETRIEVAL_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}  # Flickr30K has no restval
 
 
-def retrieval_entries(root, dataset, split):
+def retrieval_entries(root, dataset, split, skip_missing=False):
     """The images of a Karpathy split (flickr30k or coco; train, val or test) with their raw
     captions, in file order: the order COCO's five 1K test folds follow. Every image must have
-    a caption and exist on disk (checked here, so a long evaluation cannot fail half-way)."""
+    a caption and exist on disk (checked here, so a long evaluation cannot fail half-way),
+    unless skip_missing (training with --skip-bad-images reports and skips missing images)."""
     if dataset not in ("flickr30k", "coco"):
         raise DataError(f"retrieval dataset {dataset!r}: choose flickr30k or coco")
     if split not in RETRIEVAL_SPLITS:
@@ -560,7 +561,7 @@ def retrieval_entries(root, dataset, split):
     for e in entries:
         if not e.captions:
             raise DataError(f"{path}: image {e.path} has no sentences; every retrieval image needs a caption")
-        if not os.path.exists(os.path.join(root, e.path)):
+        if not skip_missing and not os.path.exists(os.path.join(root, e.path)):
             require(root, os.path.dirname(e.path))  # a whole missing folder gets its download hint
             raise DataError(f"{os.path.join(root, e.path)}: image of {path} not found; complete the image folder")
     return entries
@@ -593,15 +594,16 @@ class RetrievalPairs(torch.utils.data.Dataset):
     """Item (epoch, i): caption i's image with 1 + `negatives` texts (paper 4.4): caption i
     first, then captions of other images drawn uniformly without replacement. An epoch is one
     pass over the ground-truth captions (each image five times). Random choices come from a
-    generator seeded by (seed, epoch, i), so batches do not depend on workers or processes."""
+    generator seeded by (seed, epoch, i), so batches do not depend on workers or processes.
+    skip_bad_images: an unreadable image becomes its error message, and collate drops the item."""
 
-    def __init__(self, root, captions, min_size, max_size, negatives=20, seed=0):
+    def __init__(self, root, captions, min_size, max_size, negatives=20, seed=0, skip_bad_images=False):
         own = np.diff(captions.image_first).max()
         if len(captions) - own < negatives:
             raise DataError(f"{root}: {len(captions)} captions cannot give {negatives} negatives from other images; "
                             f"lower --negatives")
         self.root, self.captions, self.min_size, self.max_size = root, captions, min_size, max_size
-        self.negatives, self.seed = negatives, seed
+        self.negatives, self.seed, self.skip_bad_images = negatives, seed, skip_bad_images
 
     def __len__(self):
         return len(self.captions)
@@ -614,8 +616,8 @@ class RetrievalPairs(torch.utils.data.Dataset):
         # Draw from the captions minus this image's contiguous block, then step over the block.
         drawn = rng.choice(len(self.captions) - (end - first), self.negatives, replace=False)
         negatives = drawn + (drawn >= first) * (end - first)
-        return {"image": image_tensor(os.path.join(self.root, self.captions.image_paths[image]), self.min_size,
-                                      self.max_size),
+        return {"image": try_image_tensor(os.path.join(self.root, self.captions.image_paths[image]), self.min_size,
+                                          self.max_size, self.skip_bad_images),
                 "pairs": [{"input_ids": self.captions.input_ids(int(c))} for c in [i, *negatives.tolist()]]}
 
 

@@ -10,6 +10,8 @@ the 5 highest-scoring negatives. The CNN is frozen.
 
 Reads top to bottom like finetune_vqa.py: config -> processes -> data -> model -> optimiser ->
 loop (validation recall each epoch, best checkpoint kept) -> test recall of the best checkpoint.
+SIGTERM / SIGUSR1 finish the step in flight, write a checkpoint and exit with status 75;
+the same command with --resume continues exactly (README: Reliability).
 The full-protocol scoring (every image against every caption) is here too, as functions that
 evaluate.py and bench.py call: encode_images (CNN once per image, cached), score_images (the
 transformer over batches of pairs) and retrieval_scores (both, sharded over processes).
@@ -62,6 +64,7 @@ class Config:
     eval_images: int = 1000  # validation images (all their captions, full protocol) scored each epoch
     eval_pairs: int = 1024  # (image, caption) pairs per scoring batch
     num_workers: int = 6
+    skip_bad_images: bool = False  # report, count and skip unreadable training images instead of stopping
     # model
     dropout: float = 0.1
     # visual embedding (paper 3.2); ignored with --init, whose checkpoint fixes the architecture
@@ -77,7 +80,7 @@ class Config:
     log_every: int = 50
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
-    resume: bool = False
+    resume: bool = False  # continue exactly from the newest complete checkpoint in --out-dir
     seed: int = 0
 
 
@@ -223,10 +226,7 @@ def retrieval_scores(model, root, captions, ddp, min_size, max_size, dtype="bf16
 
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
-    if cfg.data == "demo" and cfg.init and not os.path.exists(cfg.init):
-        import pretrain  # the demo starts from the demo pre-training: run it first
-        common.print0(f"{cfg.init} not found: running the demo pre-training first (python pretrain.py)")
-        pretrain.main([])
+    common.run_demo_pretraining_if_missing(cfg)
     ddp = common.setup_distributed(cfg.device)
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
@@ -236,21 +236,17 @@ def main(argv=None):
     dataset = "flickr30k" if cfg.data == "demo" else cfg.data  # the demo corpus is written in Flickr30K's format
     if dataset not in ("flickr30k", "coco"):
         raise SystemExit(f"--data {cfg.data}: choose demo, flickr30k or coco")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    common.prepare_out_dir(cfg.out_dir, cfg.resume)
 
     # ---- data: Karpathy train (COCO: + restval) for training, val for model selection, test at the end
-    init_state = common.load_checkpoint(cfg.init) if cfg.init else {}
-    vocab = cfg.vocab or (os.path.join(cfg.bert, "vocab.txt") if os.path.isdir(cfg.bert) else
-                          os.path.join(cfg.data_root, "vocab.txt"))
-    tokenizer = data.Tokenizer(vocab, cfg.max_text_len)
-    if init_state.get("vocab") not in (None, tokenizer.vocab_tokens()):
-        raise SystemExit(f"{cfg.init} was trained with another WordPiece vocabulary than {vocab}; pass --vocab")
-    train_captions = data.RetrievalCaptions(data.retrieval_entries(cfg.data_root, dataset, "train"), tokenizer)
+    init_state, tokenizer = common.init_and_tokenizer(cfg)
+    train_captions = data.RetrievalCaptions(data.retrieval_entries(cfg.data_root, dataset, "train",
+                                                                   cfg.skip_bad_images), tokenizer)
     val_captions = data.RetrievalCaptions(data.retrieval_entries(cfg.data_root, dataset, "val")[: cfg.eval_images],
                                           tokenizer)
     test_captions = data.RetrievalCaptions(data.retrieval_entries(cfg.data_root, dataset, "test"), tokenizer)
     train_set = data.RetrievalPairs(cfg.data_root, train_captions, cfg.image_min_size, cfg.image_max_size,
-                                    cfg.negatives, cfg.seed)
+                                    cfg.negatives, cfg.seed, cfg.skip_bad_images)
     sampler = data.MicroBatchSampler(len(train_set), cfg.batch_size, ddp.world_size, ddp.rank, accum, cfg.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=data.collate,
                                          num_workers=cfg.num_workers, pin_memory=ddp.device.type == "cuda",
@@ -280,7 +276,7 @@ def main(argv=None):
                                fused=ddp.device.type == "cuda" or None)
     optimizers = [adamw]
     scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
-    state = common.resume(cfg.out_dir, raw_model, optimizers, scaler) if cfg.resume else {}
+    state = common.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}
     step, best = state.get("step", 0), state.get("best", {"rsum": -1.0})
     model = common.wrap_model(raw_model, ddp, cfg.compile)
     common.print0(f"model: {raw_model.config.hidden_size} hidden, {sum(p.numel() for p in raw_model.parameters()):,} "
@@ -309,7 +305,8 @@ def main(argv=None):
 
     def ranking_loss(batch, num_images):
         """hard_negative_loss over this micro-batch's images, divided by the images of the whole
-        global batch. The frozen CNN runs once per image; the graph starts at the visual embedding."""
+        global batch (fewer than --global-batch when --skip-bad-images dropped some). The frozen
+        CNN runs once per image; the graph starts at the visual embedding."""
         with common.autocast(ddp.device, cfg.dtype):
             pixels = raw_model.encode_image(batch["images"], batch["image_mask"])
 
@@ -335,18 +332,26 @@ def main(argv=None):
     train_mode()
     bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, dynamic_ncols=True)
     t_last, step_last = time.time(), step
+    preemption, bad_images, skipped_steps = common.Preemption(), common.BadImages(), 0
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
-        sampler.set_position(epoch, first)
+        sampler.set_position(epoch, first)  # the data resumes mid-epoch exactly where it stopped
         micro_batches = iter(loader)
         for _ in range(first, steps_per_epoch):
+            common.seed_step(cfg.seed, ddp.rank, step)
             micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last) for _ in range(accum)]
+            for b in micro:
+                bad_images.note(b)
+            num_images = common.all_reduce_sum(torch.tensor(sum(len(b["images"]) for b in micro), device=ddp.device,
+                                                            dtype=torch.float))
             common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
-            (total,), grad_norm = common.train_step(model, micro, lambda b: ranking_loss(b, cfg.global_batch),
+            (total,), grad_norm = common.train_step(model, micro, lambda b: ranking_loss(b, num_images),
                                                     optimizers, scaler, [p for p in raw_model.parameters()
                                                                          if p.requires_grad],
                                                     cfg.grad_clip, cfg.out_dir, step)
             step += 1
+            skipped_steps += not torch.isfinite(grad_norm).item()  # fp16: the scaler skipped an overflowing step
+            stop = preemption.requested(ddp.device)  # every rank stops after the same step
             bar.update()
             if step % cfg.log_every == 0 or step == total_steps:
                 rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
@@ -354,7 +359,7 @@ def main(argv=None):
                 lr = adamw.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", images_s=f"{rate:.1f}")
                 log.write(step=step, epoch=step / steps_per_epoch, loss=total.item(), lr=lr,
-                          grad_norm=grad_norm.item(), images_per_s=rate)
+                          grad_norm=grad_norm.item(), skipped_steps=skipped_steps, images_per_s=rate)
             if step % steps_per_epoch == 0 or step == total_steps:  # validation recall each epoch; keep the best
                 metrics = evaluate(val_captions)
                 log.write(step=step, epoch=step / steps_per_epoch, val=metrics)
@@ -363,11 +368,16 @@ def main(argv=None):
                 if metrics["rsum"] > best["rsum"]:
                     best = {**metrics, "step": step}
                     save_best()
-            if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps):
+            if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps or stop):
                 common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
+            if stop:
+                bar.close()
+                preemption.exit(cfg.out_dir, step)
             if step >= total_steps:
                 break
     bar.close()
+    if cfg.skip_bad_images:
+        bad_images.report()
 
     # ---- the best checkpoint (by validation R-sum) on the test split, full protocol
     if ddp.world_size > 1:

@@ -5,6 +5,7 @@ a short fine-tuning run, and the errors for bad input."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -286,3 +287,55 @@ def test_bad_input_is_named(corpus, tokenizer, tmp_path):
     captions = data.RetrievalCaptions(data.retrieval_entries(corpus, "flickr30k", "val"), tokenizer)
     with pytest.raises(data.DataError, match="lower --negatives"):
         data.RetrievalPairs(corpus, captions, 64, 96, negatives=21)
+
+
+# -----------------------------------------------------------------------------
+# Reliability: exact resume, unreadable training images
+
+
+def test_resume_continues_exactly(corpus, tmp_path, monkeypatch):
+    """Two steps straight, or SIGTERM during step 1 (exit 75 after its checkpoint) then --resume:
+    the same weights (dropout on, so the per-step seeds matter)."""
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    args = dict(max_steps=2, dropout=0.1, lr=1e-3)
+    finetune_retrieval.main(finetune_args(corpus, straight, **args))
+    train_step = common.train_step
+
+    def signalled_train_step(*a):
+        if a[-1] == 0:  # 0-based step: the signal arrives while the first step runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(*a)
+    monkeypatch.setattr(common, "train_step", signalled_train_step)
+    with pytest.raises(SystemExit) as stopped:
+        finetune_retrieval.main(finetune_args(corpus, interrupted, **args))
+    assert stopped.value.code == common.EXIT_PREEMPTED
+    assert [os.path.basename(p) for p in common.step_checkpoints(interrupted)] == ["ckpt_00000001.pt"]
+    monkeypatch.setattr(common, "train_step", train_step)
+    finetune_retrieval.main(finetune_args(corpus, interrupted, **args) + ["--resume"])
+    a, b = (common.load_checkpoint(os.path.join(d, "ckpt_00000002.pt")) for d in (straight, interrupted))
+    assert a["step"] == b["step"] == 2
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
+    with pytest.raises(SystemExit, match="--seed 0 -> 1"):
+        finetune_retrieval.main(finetune_args(corpus, interrupted, max_steps=3, seed=1) + ["--resume"])
+    with pytest.raises(SystemExit, match="--negatives 20 -> 10"):  # each image's captions would differ
+        finetune_retrieval.main(finetune_args(corpus, interrupted, max_steps=3, negatives=10) + ["--resume"])
+    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+        finetune_retrieval.main(finetune_args(corpus, str(tmp_path / "new"), max_steps=1) + ["--resume"])
+
+
+def test_skip_bad_images(corpus, tmp_path, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(corpus, root)
+    train = [img for img in json.loads((root / "flickr30k/dataset_flickr30k.json").read_text())["images"]
+             if img["split"] == "train"]
+    os.remove(root / "flickr30k/images" / train[0]["filename"])
+    (root / "flickr30k/images" / train[1]["filename"]).write_bytes(b"not a jpeg")
+    with pytest.raises(data.DataError, match=f"{train[0]['filename']}: image of .* not found"):
+        finetune_retrieval.main(finetune_args(str(root), str(tmp_path / "a"), max_steps=1))
+    # one epoch: every training image is drawn; the two bad ones are reported once each and skipped
+    finetune_retrieval.main(finetune_args(str(root), str(tmp_path / "b"), global_batch=16, batch_size=16) +
+                            ["--skip-bad-images"])
+    out = capsys.readouterr().out
+    assert out.count("--skip-bad-images: skipped") == 2 and train[1]["filename"] in out
+    assert "--skip-bad-images: 2 unreadable images skipped" in out
