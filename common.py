@@ -233,6 +233,9 @@ def run_demo_pretraining_if_missing(cfg):
     when it is missing, run `python pretrain.py` first (every torchrun process joins it)."""
     if cfg.data == "demo" and cfg.init and not os.path.exists(cfg.init):
         import pretrain  # here, not at the top: pretrain.py imports this module
+        demo = os.path.join(pretrain.PRESETS["demo"]["out_dir"], "final.pt")
+        if os.path.normpath(cfg.init) != os.path.normpath(demo):  # a typo must not start minutes of other work
+            raise SystemExit(f"--init {cfg.init}: checkpoint not found")
         print0(f"{cfg.init} not found: running the demo pre-training first (python pretrain.py)")
         pretrain.main([])
 
@@ -386,8 +389,13 @@ class Preemption:
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.signal = None
-        for s in signals:
-            signal.signal(s, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def restore(self):
+        """Give the signals back to their previous handlers once the loop is over (after the demo
+        pre-training inside a fine-tuning run, a later SIGTERM must reach the fine-tuning's own)."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
@@ -400,6 +408,7 @@ class Preemption:
     def exit(self, out_dir, step):
         """After rank 0 wrote the step's checkpoint: wait for it on every rank, then exit with
         EXIT_PREEMPTED."""
+        self.restore()
         if dist.is_initialized():
             dist.barrier()  # no rank leaves (and lets torchrun stop the others) before the save ends
             dist.destroy_process_group()

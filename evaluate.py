@@ -770,6 +770,11 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result, indent=2))
+    if not args.command.endswith("-score"):  # checkpoint commands may run under torchrun
+        import torch.distributed as dist
+        if dist.is_initialized():  # leave together: a process exiting while gloo talks to it aborts the other
+            dist.barrier()
+            dist.destroy_process_group()
     return result
 
 

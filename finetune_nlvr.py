@@ -9,7 +9,7 @@ two logits (false, true), trained with cross-entropy.
         --init runs/pretrain/final.pt --batch-size 16
 
 Reads top to bottom like finetune_vqa.py: config -> processes -> data -> model -> optimisers ->
-loop (dev accuracy and consistency each epoch, best checkpoint kept) -> final evaluation.
+loop (dev accuracy and consistency each epoch, best checkpoint kept) -> the best epoch's figures.
 SIGTERM / SIGUSR1 finish the step in flight, write a checkpoint and exit with status 75;
 the same command with --resume continues exactly (README: Reliability).
 """
@@ -227,7 +227,8 @@ def main(argv=None):
                 bar.set_postfix(ce=f"{total:.3f}", lr=f"{lr:.2e}", examples_s=f"{rate:.1f}")
                 log.write(step=step, epoch=step / steps_per_epoch, loss=total.item(), lr=lr,
                           grad_norm=grad_norm.item(), skipped_steps=skipped_steps, examples_per_s=rate)
-            if step % steps_per_epoch == 0 or step == total_steps:  # held-out accuracy each epoch; keep the best
+            # held-out accuracy each epoch, best kept; a stop signal skips it: the checkpoint comes first
+            if (step % steps_per_epoch == 0 or step == total_steps) and not stop:
                 metrics = evaluate()
                 log.write(step=step, epoch=step / steps_per_epoch, **{cfg.eval_split: metrics})
                 if ddp.is_main:
@@ -246,6 +247,7 @@ def main(argv=None):
             if step >= total_steps:
                 break
     bar.close()
+    preemption.restore()
     if cfg.skip_bad_images:
         bad_images.report()
 

@@ -239,7 +239,8 @@ def main(argv=None):
                 bar.set_postfix(bce=f"{total:.3f}", lr=f"{lr:.2e}", questions_s=f"{rate:.1f}")
                 log.write(step=step, epoch=step / steps_per_epoch, loss=total.item(), lr=lr,
                           grad_norm=grad_norm.item(), skipped_steps=skipped_steps, questions_per_s=rate)
-            if step % steps_per_epoch == 0 or step == total_steps:  # held-out accuracy each epoch; keep the best
+            # held-out accuracy each epoch, best kept; a stop signal skips it: the checkpoint comes first
+            if (step % steps_per_epoch == 0 or step == total_steps) and not stop:
                 metrics = evaluate()
                 log.write(step=step, epoch=step / steps_per_epoch, **{cfg.eval_split: metrics})
                 if ddp.is_main:
@@ -258,6 +259,7 @@ def main(argv=None):
             if step >= total_steps:
                 break
     bar.close()
+    preemption.restore()
     if cfg.skip_bad_images:
         bad_images.report()
 

@@ -252,7 +252,8 @@ def main(argv=None):
                 bar.set_postfix(mlm=f"{totals[0]:.3f}", itm=f"{totals[1]:.3f}", lr=f"{lr:.2e}", pairs_s=f"{rate:.1f}")
                 log.write(step=step, epoch=step / steps_per_epoch, mlm_loss=totals[0].item(), itm_loss=totals[1].item(),
                           lr=lr, grad_norm=grad_norm.item(), skipped_steps=skipped_steps, pairs_per_s=rate)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            # A stop signal skips the evaluation: the checkpoint comes first (torchrun kills 30 s later).
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and not stop:
                 metrics = evaluate()
                 if ddp.is_main:
                     bar.write(f"step {step}: {metrics}")
@@ -265,6 +266,7 @@ def main(argv=None):
             if step >= total_steps:
                 break
     bar.close()
+    preemption.restore()
     if cfg.skip_bad_images:
         bad_images.report()
 
