@@ -280,6 +280,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
     state = common.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}
     step, best = state.get("step", 0), state.get("best", {"rsum": -1.0})
+    skipped_steps = state.get("skipped_steps", 0)  # fp16 steps the scaler skipped, over the whole run
     model = common.wrap_model(raw_model, ddp, cfg.compile)
     common.print0(f"model: {raw_model.config.hidden_size} hidden, {sum(p.numel() for p in raw_model.parameters()):,} "
                   f"parameters, {sum(p.numel() for p in raw_model.parameters() if p.requires_grad):,} trained")
@@ -292,7 +293,7 @@ def main(argv=None):
         return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                 "scaler": scaler.state_dict(), "step": step, "rng": common.rng_state(), "config": asdict(cfg),
                 "model_config": asdict(raw_model.config), "vocab": tokenizer.vocab_tokens(), "best": best,
-                "task": "retrieval"}
+                "task": "retrieval", "skipped_steps": skipped_steps}
 
     def save_best():  # weights and configs only: best.pt is for evaluation and --init, not --resume
         if ddp.is_main:
@@ -334,7 +335,7 @@ def main(argv=None):
     train_mode()
     bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, dynamic_ncols=True)
     t_last, step_last = time.time(), step
-    preemption, bad_images, skipped_steps = common.Preemption(), common.BadImages(), 0
+    preemption, bad_images = common.Preemption(), common.BadImages()
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, first)  # the data resumes mid-epoch exactly where it stopped

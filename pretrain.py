@@ -162,14 +162,17 @@ def main(argv=None):
                                  cfg.weight_decay, fused=ddp.device.type == "cuda" or None,
                                  cnn_optimizer=cfg.cnn_optimizer)
     scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
-    step = common.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg))["step"] if cfg.resume else 0
+    state = common.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}
+    step = state.get("step", 0)
+    skipped_steps = state.get("skipped_steps", 0)  # fp16 steps the scaler skipped, over the whole run
     model = common.wrap_model(raw_model, ddp, cfg.compile)
     common.print0(f"model: {cfg.model}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
 
     def checkpoint_state():
         return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() if o else None for o in optimizers],
                 "scaler": scaler.state_dict(), "step": step, "rng": common.rng_state(), "config": asdict(cfg),
-                "model_config": asdict(model_cfg), "vocab": tokenizer.vocab_tokens(), "task": "pretrain"}
+                "model_config": asdict(model_cfg), "vocab": tokenizer.vocab_tokens(), "task": "pretrain",
+                "skipped_steps": skipped_steps}
 
     def losses(batch, num_masked, num_pairs):
         """Summed MLM and ITM losses of one micro-batch, each divided by its count over the whole
@@ -224,7 +227,7 @@ def main(argv=None):
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, dynamic_ncols=True)
     t_last, step_last = time.time(), step
-    preemption, bad_images, skipped_steps = common.Preemption(), common.BadImages(), 0
+    preemption, bad_images = common.Preemption(), common.BadImages()
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, first)  # the data resumes mid-epoch exactly where it stopped
