@@ -434,24 +434,13 @@ def write_jpegs(folder, count, size, seed):
     return paths
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """What a training dataset does per image: decode the JPEG, resize by the 800x1333 rule."""
-
-    def __init__(self, paths, min_size, max_size):
-        self.paths, self.min_size, self.max_size = paths, min_size, max_size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return {"image": data.image_tensor(self.paths[i], self.min_size, self.max_size)}
-
-
 def loading_rate(cfg, folder, min_size, max_size):
     """Images/s of one loader process (what each DataLoader worker does), batches of batch_size."""
     paths = write_jpegs(folder, cfg.loader_images, source_wh(cfg), cfg.seed)
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, min_size, max_size), batch_size=cfg.batch_size,
-                                         collate_fn=data.collate, num_workers=0)
+    # what a training dataset does per image (decode the JPEG, resize by the rule), then the padded batch
+    loader = torch.utils.data.DataLoader(data.ImageFiles("", paths, min_size, max_size), batch_size=cfg.batch_size,
+                                         collate_fn=lambda items: data.collate([{"image": im} for _, im in items]),
+                                         num_workers=0)
     next(iter(loader))  # warm the page cache and PIL
     t = time.perf_counter()
     batches = list(loader)

@@ -383,6 +383,21 @@ def retrieval_recall_folds(scores, caption_image, fold_images=1000):
 
 
 # -----------------------------------------------------------------------------
+# The model a checkpoint holds, for every command below
+
+
+def checkpoint_model(state, device):
+    """A loaded checkpoint's model (its own config and weights) on `device` in eval mode, and the
+    tokenizer of the vocabulary saved with it."""
+    import data
+    from model import PixelBert, PixelBertConfig
+
+    model = PixelBert(PixelBertConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), data.Tokenizer(state["vocab"], state["config"]["max_text_len"])
+
+
+# -----------------------------------------------------------------------------
 # Evaluating a fine-tuned VQA checkpoint
 
 
@@ -397,25 +412,22 @@ def evaluate_vqa_checkpoint(checkpoint, data_root, split, out=None, batch_size=3
     import common
     import data
     from finetune_vqa import eval_loader, predict
-    from model import PixelBert, PixelBertConfig
 
     state = common.load_checkpoint(checkpoint)
     if state.get("task") != "vqa" or "answers" not in state:
         raise EvaluationError(f"{checkpoint}: not a VQA checkpoint (task {state.get('task')!r}); "
                               f"use best.pt or final.pt from a finetune_vqa.py run")
-    answers, model_cfg = state["answers"], PixelBertConfig(**state["model_config"])
-    if len(answers) != model_cfg.num_answers:
-        raise EvaluationError(f"{checkpoint}: {len(answers)} answers saved for a head of {model_cfg.num_answers}")
+    answers, num_answers = state["answers"], state["model_config"]["num_answers"]
+    if len(answers) != num_answers:
+        raise EvaluationError(f"{checkpoint}: {len(answers)} answers saved for a head of {num_answers}")
     if ans2label is not None:
         given = sorted(read_json_file(ans2label, "answer map").items(), key=lambda kv: kv[1])
         if [a for a, _ in given] != answers:
             raise EvaluationError(f"{ans2label} does not match the answer vocabulary saved in {checkpoint}; "
                                   f"use the ans2label.json of the run that wrote this checkpoint")
     ddp = common.setup_distributed(device)
-    model = PixelBert(model_cfg)
-    model.load_state_dict(state["model"])
-    model.to(ddp.device).to(memory_format=torch.channels_last)
-    tokenizer = data.Tokenizer(state["vocab"], state["config"]["max_text_len"])
+    model, tokenizer = checkpoint_model(state, ddp.device)
+    model.to(memory_format=torch.channels_last)
     minival_images = minival_images or state["config"]["minival_images"]
     questions, annotations = data.read_vqa(data_root, split, minival_images)
     sizes = state["config"]["image_min_size"], state["config"]["image_max_size"]
@@ -448,17 +460,14 @@ def evaluate_nlvr2_checkpoint(checkpoint, data_root, split, out=None, batch_size
     import common
     import data
     from finetune_nlvr import eval_loader, predict
-    from model import PixelBert, PixelBertConfig
 
     state = common.load_checkpoint(checkpoint)
     if state.get("task") != "nlvr":
         raise EvaluationError(f"{checkpoint}: not an NLVR2 checkpoint (task {state.get('task')!r}); "
                               f"use best.pt or a ckpt_*.pt from a finetune_nlvr.py run")
     ddp = common.setup_distributed(device)
-    model = PixelBert(PixelBertConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    model.to(ddp.device).to(memory_format=torch.channels_last)
-    tokenizer = data.Tokenizer(state["vocab"], state["config"]["max_text_len"])
+    model, tokenizer = checkpoint_model(state, ddp.device)
+    model.to(memory_format=torch.channels_last)
     records = data.read_nlvr2(data_root, split)
     dataset = data.NLVR2Examples(data_root, records, tokenizer, state["config"]["image_min_size"],
                                  state["config"]["image_max_size"])
@@ -542,19 +551,14 @@ def load_for_inference(checkpoint, head=None, device=""):
     import torch
 
     import common
-    import data
-    from model import PixelBert, PixelBertConfig
 
     state = common.load_checkpoint(checkpoint)
-    model_cfg = PixelBertConfig(**state["model_config"])
-    if head is not None and head not in model_cfg.heads:
-        raise EvaluationError(f"{checkpoint}: this model's heads are {list(model_cfg.heads)}, not {head!r}; "
+    heads = state["model_config"]["heads"]
+    if head is not None and head not in heads:
+        raise EvaluationError(f"{checkpoint}: this model's heads are {list(heads)}, not {head!r}; "
                               f"use {HEAD_SOURCES[head]}")
-    model = PixelBert(model_cfg)
-    model.load_state_dict(state["model"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device).eval()
-    return model, data.Tokenizer(state["vocab"], state["config"]["max_text_len"]), state, device
+    return (*checkpoint_model(state, device), state, device)
 
 
 def image_text_batch(image, text, tokenizer, state, device):
