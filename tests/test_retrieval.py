@@ -202,12 +202,15 @@ def test_hard_negative_gradient_reaches_exactly_the_hardest():
     loss.backward()
     assert calls == [False, True]  # all 21 without gradient, then the chosen 6 with it
     full = theta.detach()[candidates]  # (B, C)
-    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(full, torch.zeros(B, dtype=torch.long),
+    hardest = full[:, 1:].topk(5, dim=1).indices + 1  # (B, 5) columns
+    six = torch.cat([full[:, :1], full.gather(1, hardest)], dim=1)  # ground truth, then the 5 hardest
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(six, torch.zeros(B, dtype=torch.long),
                                                                           reduction="sum").item())
     for b in range(B):
-        hardest = set(candidates[b, 1:][full[b, 1:].topk(5).indices].tolist())
         reached = set(candidates[b][theta.grad[candidates[b]] != 0].tolist())
-        assert reached == {int(candidates[b, 0])} | hardest
+        assert reached == {int(candidates[b, 0])} | set(candidates[b, hardest[b]].tolist())
+        # shift-invariant: raising every score alike changes nothing, so nothing drives all scores up
+        assert theta.grad[candidates[b]].sum().item() == pytest.approx(0.0, abs=1e-6)
     assert theta.grad[candidates[:, 0]].lt(0).all()  # the ground truth is pushed up
 
 
