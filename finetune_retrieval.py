@@ -44,8 +44,8 @@ class Config:
     vocab: str = ""  # WordPiece vocab.txt; default: the --bert folder's, else <data-root>/vocab.txt
     out_dir: str = "runs/retrieval"
     # the ranking loss (paper 4.4)
-    negatives: int = 20  # captions of other images ranked against each ground-truth caption
-    hard_negatives: int = 5  # of those, the highest-scoring ones that receive gradient
+    negatives: int = 20  # captions of other images scored with each ground-truth caption
+    hard_negatives: int = 5  # of those, the highest-scoring ones it is ranked against (= negatives: a full softmax)
     # batch and schedule: Flickr30K 10 epochs, lr / 10 at epoch 6 (COCO: 4 and 2, see PRESETS)
     batch_size: int = 8  # images per process and micro-step, each with 1 + negatives captions
     global_batch: int = 512  # images per optimiser step (paper: 8 GPUs x 64)
@@ -86,8 +86,8 @@ class Config:
 
 # The demo: the tiny model pre-trained by `python pretrain.py`, on the demo corpus's Flickr30K split
 # (600 train / 100 val / 100 test images, 5 captions each). The paper's loss and negatives; a lower lr and a
-# shorter schedule than the paper's: on the demo no setting tried improved on the ITM-initialised start
-# (README), and this one at least leaves it intact.
+# shorter schedule than the paper's: on the demo no setting tried clearly improved on the ITM-initialised
+# start (README), and this one at least leaves it intact.
 PRESETS = {"demo": dict(model="tiny", init="runs/demo_pretrain/final.pt", image_min_size=128, image_max_size=192,
                         batch_size=32, global_batch=32, epochs=1, lr_milestones="", lr=1e-5, warmup_steps=0,
                         dropout=0.0, eval_images=100, eval_pairs=512, num_workers=1, log_every=10, ckpt_every=200,
@@ -113,12 +113,14 @@ def hard_negative_loss(score, candidates, num_hard):
     negatives; score(rows (n,)) -> (n,) scores of those pairs. Every candidate is scored without
     gradient to find the hardest; the ground truth and those are scored again with gradient, so
     only 1 + num_hard pairs per image are back-propagated (the paper's "gradient only through
-    the 5 hardest"). The easier negatives are left out of the softmax, not kept in it as
-    constants: with constants in the denominator, raising every score alike lowers the loss, and
-    training drifts all scores up until the pooler's tanh saturates and [CLS] stops depending on
-    the caption (measured on the demo: the loss froze at ln 21, R@1 fell to 0). Over the chosen
+    the 5 hardest"; with dropout, the two passes draw different masks). The easier negatives are
+    left out of the softmax, not kept in it as constants: with constants in the denominator,
+    raising every trained score alike lowers the loss, so training drifts all scores up until
+    the pooler's tanh saturates and [CLS] stops depending on the caption (measured on the demo
+    from weak starting points: the loss froze at ln 21, R@1 fell to 0). Over the chosen
     candidates the loss is shift-invariant, as the full softmax is; the negatives it leaves out
-    are the ones with the least probability mass."""
+    are the ones the model already scores lowest. (Where the model cannot tell the positive from
+    its hardest negatives at all, the loss still settles at ln(1 + num_hard), every score alike.)"""
     B, C = candidates.shape
     with torch.no_grad():
         every = score(candidates.flatten()).float().view(B, C)  # (B, C)
