@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import common
 import data
-from model import CNN_STRIDE, RESNET_LAYERS, PixelBert, PixelBertConfig, make_optimizers, sample_pixels
+from model import CNN_STRIDE, RESNET_LAYERS, PixelBert, make_optimizers, sample_pixels
 
 
 @dataclass
@@ -100,12 +100,9 @@ CPU_OPT_IN = {"pretrain bf16 +cl +fused +compile"}
 
 
 def model_config(name, quick, **overrides):
-    presets = {"tiny": PixelBertConfig.tiny, "r50": PixelBertConfig.r50, "x152": PixelBertConfig.x152}
-    if name not in presets:
-        raise SystemExit(f"--model {name}: choose one of {', '.join(presets)}")
-    if quick:
+    if quick:  # torchvision's stem width, so that the baseline exists
         overrides = {"cnn_width": 64, **overrides}
-    return presets[name](**overrides)
+    return common.model_preset(name, **overrides)
 
 
 # -----------------------------------------------------------------------------
@@ -721,12 +718,12 @@ def record_failure(entry, error, device):
 
 def compare_rows(rows):
     """Each baseline row against our row with the same flags: our step time / the baseline's."""
-    ours = {(r["task"], r["dtype"], r["channels_last"], r["fused"], r["compile"], r["captions_per_image"]): r
-            for r in rows if r["impl"] == "ours" and "step_ms" in r}
+    def flags(r):
+        return tuple(r[k] for k in ("task", "dtype", "channels_last", "fused", "compile", "captions_per_image"))
+    ours = {flags(r): r for r in rows if r["impl"] == "ours" and "step_ms" in r}
     for r in rows:
         if r["impl"] == "baseline" and "step_ms" in r:
-            mine = ours.get((r["task"], r["dtype"], r["channels_last"], r["fused"], r["compile"],
-                             r["captions_per_image"]))
+            mine = ours.get(flags(r))
             if mine:
                 mine["vs_baseline"] = r["vs_baseline"] = f"{mine['step_ms'] / r['step_ms']:.2f}"
     fp32 = {r["task"]: r for r in rows if r["name"] in ("pretrain fp32", "vqa fp32") and "samples_per_s" in r}

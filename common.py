@@ -199,6 +199,14 @@ def last_good(out_dir):
 # The model of a run: built, initialised, resumed, wrapped
 
 
+def model_preset(name, **overrides):
+    """The PixelBertConfig of a --model preset (tiny, r50, x152) with some fields changed."""
+    presets = {"tiny": PixelBertConfig.tiny, "r50": PixelBertConfig.r50, "x152": PixelBertConfig.x152}
+    if name not in presets:
+        raise SystemExit(f"--model {name}: choose one of {', '.join(presets)}")
+    return presets[name](**overrides)
+
+
 def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
     """PixelBert for a script's config, with a report of what was loaded and what stayed new.
     From --init, the trunk's architecture is the checkpoint's own (only the heads and dropout
@@ -215,12 +223,9 @@ def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
         model = PixelBert(model_cfg)
         print0(copy_weights(model, state["model"], cfg.init))
         return model
-    presets = {"tiny": PixelBertConfig.tiny, "r50": PixelBertConfig.r50, "x152": PixelBertConfig.x152}
-    if cfg.model not in presets:
-        raise SystemExit(f"--model {cfg.model}: choose one of {', '.join(presets)}")
-    model = PixelBert(presets[cfg.model](vocab_size=vocab_size, dropout=cfg.dropout, heads=heads,
-                                         num_answers=num_answers, pixel_pool=cfg.pixel_pool,
-                                         visual_layernorm=cfg.visual_layernorm, visual_position=cfg.visual_position))
+    model = PixelBert(model_preset(cfg.model, vocab_size=vocab_size, dropout=cfg.dropout, heads=heads,
+                                   num_answers=num_answers, pixel_pool=cfg.pixel_pool,
+                                   visual_layernorm=cfg.visual_layernorm, visual_position=cfg.visual_position))
     if cfg.bert:
         print0(model.load_bert(cfg.bert))
     if cfg.cnn:
@@ -435,6 +440,12 @@ def save_checkpoint(state, path):
         os.fsync(folder)  # the rename itself survives a power cut
     finally:
         os.close(folder)
+
+
+def save_weights(state, path):
+    """A training checkpoint without what only --resume needs (optimisers, fp16 scaler, random
+    states): best.pt and final.pt, for evaluation and --init."""
+    save_checkpoint({k: v for k, v in state.items() if k not in ("optimizers", "scaler", "rng")}, path)
 
 
 def step_checkpoints(out_dir):

@@ -386,14 +386,19 @@ def retrieval_recall_folds(scores, caption_image, fold_images=1000):
 # The model a checkpoint holds, for every command below
 
 
-def checkpoint_model(state, device):
+def checkpoint_model(state, device, extra_heads=()):
     """A loaded checkpoint's model (its own config and weights) on `device` in eval mode, and the
-    tokenizer of the vocabulary saved with it."""
+    tokenizer of the vocabulary saved with it. extra_heads: heads the checkpoint has no weights
+    for, added freshly initialised (every other tensor must still fit)."""
     import data
-    from model import PixelBert, PixelBertConfig
+    from model import PixelBert, PixelBertConfig, copy_weights
 
-    model = PixelBert(PixelBertConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
+    model = PixelBert(PixelBertConfig(**{**state["model_config"],
+                                         "heads": tuple(state["model_config"]["heads"]) + tuple(extra_heads)}))
+    if extra_heads:
+        copy_weights(model, state["model"], "checkpoint")
+    else:
+        model.load_state_dict(state["model"])
     return model.to(device).eval(), data.Tokenizer(state["vocab"], state["config"]["max_text_len"])
 
 
@@ -498,7 +503,6 @@ def evaluate_retrieval_checkpoint(checkpoint, data_root, dataset, split="test", 
     import common
     import data
     from finetune_retrieval import retrieval_scores
-    from model import PixelBert, PixelBertConfig, copy_weights
 
     start = time.time()
     state = common.load_checkpoint(checkpoint)
@@ -507,13 +511,11 @@ def evaluate_retrieval_checkpoint(checkpoint, data_root, dataset, split="test", 
         raise EvaluationError(f"{checkpoint}: neither a retrieval nor a pre-training checkpoint (no rank or ITM "
                               f"head); use best.pt from finetune_retrieval.py or final.pt from pretrain.py")
     ddp = common.setup_distributed(device)
-    heads = tuple(state["model_config"]["heads"]) + (() if "rank_head.weight" in keys else ("rank",))
-    model = PixelBert(PixelBertConfig(**{**state["model_config"], "heads": heads}))
-    copy_weights(model, keys, checkpoint)
-    if "rank_head.weight" not in keys:
-        model.init_rank_head_from_itm()  # zero-shot: ITM's match log-odds ranks like its match probability
-    model.to(ddp.device).cnn.to(memory_format=torch.channels_last)
-    tokenizer = data.Tokenizer(state["vocab"], state["config"]["max_text_len"])
+    zero_shot = "rank_head.weight" not in keys
+    model, tokenizer = checkpoint_model(state, ddp.device, ("rank",) if zero_shot else ())
+    if zero_shot:
+        model.init_rank_head_from_itm()  # ITM's match log-odds ranks like its match probability
+    model.cnn.to(memory_format=torch.channels_last)
     entries = data.retrieval_entries(data_root, dataset, split)
     captions = data.RetrievalCaptions(entries[: max_images or None], tokenizer)
     sizes = state["config"]["image_min_size"], state["config"]["image_max_size"]

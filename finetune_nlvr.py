@@ -238,8 +238,7 @@ def main(argv=None):
                 if metrics["accuracy"] > best["accuracy"]:
                     best = {**metrics, "step": step}
                     if ddp.is_main:
-                        final = {k: v for k, v in checkpoint_state().items() if k not in ("optimizers", "scaler", "rng")}
-                        common.save_checkpoint(final, os.path.join(cfg.out_dir, "best.pt"))
+                        common.save_weights(checkpoint_state(), os.path.join(cfg.out_dir, "best.pt"))
             if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps or stop):
                 common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
             if stop:

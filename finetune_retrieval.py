@@ -300,10 +300,9 @@ def main(argv=None):
                 "model_config": asdict(raw_model.config), "vocab": tokenizer.vocab_tokens(), "best": best,
                 "task": "retrieval", "skipped_steps": skipped_steps}
 
-    def save_best():  # weights and configs only: best.pt is for evaluation and --init, not --resume
+    def save_best():
         if ddp.is_main:
-            final = {k: v for k, v in checkpoint_state().items() if k not in ("optimizers", "scaler", "rng")}
-            common.save_checkpoint(final, os.path.join(cfg.out_dir, "best.pt"))
+            common.save_weights(checkpoint_state(), os.path.join(cfg.out_dir, "best.pt"))
 
     def evaluate(captions):
         scores, _ = retrieval_scores(raw_model, cfg.data_root, captions, ddp, cfg.image_min_size, cfg.image_max_size,

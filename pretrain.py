@@ -280,8 +280,7 @@ def main(argv=None):
                   f"{metrics['mlm_baseline']:.3f}) | ITM accuracy {metrics['itm_acc']:.3f} (majority baseline "
                   f"{metrics['itm_baseline']:.3f})")
     if ddp.is_main:
-        final = {k: v for k, v in checkpoint_state().items() if k not in ("optimizers", "scaler", "rng")}
-        common.save_checkpoint(final, os.path.join(cfg.out_dir, "final.pt"))
+        common.save_weights(checkpoint_state(), os.path.join(cfg.out_dir, "final.pt"))
         common.print0(f"saved {os.path.join(cfg.out_dir, 'final.pt')}")
     if ddp.world_size > 1:
         torch.distributed.destroy_process_group()
