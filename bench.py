@@ -1,7 +1,8 @@
 """
 Measured speed of Pixel-BERT training: the training step (pre-training and VQA fine-tuning) with
 each optimisation as a flag, the same computation glued from torchvision + transformers as a
-baseline, data loading, aspect-ratio grouping and memory. Prints a table and writes it as JSON.
+baseline, data loading, aspect-ratio grouping, memory, and the ceiling the CNN's convolutions set
+(conv_ceiling). Prints a table and writes it as JSON.
 
     python bench.py                                  # CPU: r50 on small images (see the table header)
     python bench.py --quick                          # smoke test: a small model on tiny images
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 import common
 import data
-from model import CNN_STRIDE, RESNET_LAYERS, PixelBert, make_optimizers, sample_pixels
+from model import CNN_STRIDE, RESNET_LAYERS, PixelBert, ResNet, make_optimizers, sample_pixels
 
 
 @dataclass
@@ -70,33 +71,41 @@ class Config:
 DEFAULTS = {
     "cpu": dict(model="r50", image_min_size=224, image_max_size=373, batch_size=4, accum=1, steps=2, warmup=1,
                 loader_images=16, threads=1, retrieval_images=2, retrieval_captions=64),
-    "cuda": dict(model="r50", image_min_size=800, image_max_size=1333, batch_size=8, accum=4, steps=10, warmup=3,
+    "cuda": dict(model="r50", image_min_size=800, image_max_size=1333, batch_size=32, accum=1, steps=10, warmup=3,
                  loader_images=64, retrieval_images=16, retrieval_captions=5000),
     "quick": dict(model="tiny", image_min_size=64, image_max_size=96, batch_size=4, accum=1, steps=1,
                   loader_images=4, threads=1, retrieval_images=2, retrieval_captions=32),
 }
 
 # The training rows, each one flag away from the row before it (fp32 +cl +fused is bf16's
-# like-for-like reference). Columns: name, task, precision,
-# channels_last, fused optimisers, torch.compile, captions per image (1: the paper; 0: --captions-per-image),
-# model (ours, or the torchvision + transformers baseline).
+# like-for-like reference). Columns: name, task, precision, channels_last, fused optimisers,
+# torch.compile, cuDNN autotuning (torch.backends.cudnn.benchmark), captions per image (1: the
+# paper; 0: --captions-per-image), model (ours, or the torchvision + transformers baseline).
 ROWS = [
-    ("pretrain fp32", "pretrain", "fp32", False, False, False, 1, "ours"),
-    ("pretrain fp32 +cl +fused", "pretrain", "fp32", True, True, False, 1, "ours"),
-    ("pretrain bf16", "pretrain", "bf16", False, False, False, 1, "ours"),
-    ("pretrain bf16 +channels_last", "pretrain", "bf16", True, False, False, 1, "ours"),
-    ("pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, 1, "ours"),
-    ("pretrain bf16 +cl +fused +captions/image", "pretrain", "bf16", True, True, False, 0, "ours"),
-    ("baseline pretrain fp32", "pretrain", "fp32", False, False, False, 1, "baseline"),
-    ("baseline pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, 1, "baseline"),
-    ("vqa fp32", "vqa", "fp32", False, False, False, 1, "ours"),
-    ("vqa bf16 +cl +fused", "vqa", "bf16", True, True, False, 1, "ours"),
-    ("pretrain bf16 +cl +fused +compile", "pretrain", "bf16", True, True, True, 1, "ours"),
+    ("pretrain fp32", "pretrain", "fp32", False, False, False, False, 1, "ours"),
+    ("pretrain fp32 +cl +fused", "pretrain", "fp32", True, True, False, False, 1, "ours"),
+    ("pretrain bf16", "pretrain", "bf16", False, False, False, False, 1, "ours"),
+    ("pretrain bf16 +channels_last", "pretrain", "bf16", True, False, False, False, 1, "ours"),
+    ("pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, False, 1, "ours"),
+    ("pretrain bf16 +cl +fused +autotune", "pretrain", "bf16", True, True, False, True, 1, "ours"),
+    ("pretrain bf16 +cl +fused +captions/image", "pretrain", "bf16", True, True, False, False, 0, "ours"),
+    ("baseline pretrain fp32", "pretrain", "fp32", False, False, False, False, 1, "baseline"),
+    ("baseline pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, False, 1, "baseline"),
+    ("baseline pretrain bf16 +cl +fused +autotune", "pretrain", "bf16", True, True, False, True, 1, "baseline"),
+    ("vqa fp32", "vqa", "fp32", False, False, False, False, 1, "ours"),
+    ("vqa bf16 +cl +fused", "vqa", "bf16", True, True, False, False, 1, "ours"),
+    ("pretrain bf16 +cl +fused +compile", "pretrain", "bf16", True, True, True, False, 1, "ours"),
+    ("pretrain bf16 +cl +fused +autotune +compile", "pretrain", "bf16", True, True, True, True, 1, "ours"),
 ]
 # torch.compile comes last, so that a slow or failing compilation leaves every other row measured.
-# Compiling the forward and backward takes minutes on 2 cores (4.5 for r50, 3 for tiny,
-# measured): on the CPU the compile row runs only when asked for with --rows.
-CPU_OPT_IN = {"pretrain bf16 +cl +fused +compile"}
+# Each device's default rows (any row runs when named in --rows): cuDNN autotuning exists only on
+# CUDA, where it is measured eagerly (the compiled row with it is opt-in: 0.91x the compiled row
+# without it on an H200); on the CPU, compiling r50 + BERT-base forward and backward takes minutes
+# on 2 cores (4.5 for r50, 3 for tiny, measured), so no compiled row.
+DEFAULT_ROWS = {
+    "cpu": [r[0] for r in ROWS if not r[5] and not r[6]],
+    "cuda": [r[0] for r in ROWS if not (r[5] and r[6])],
+}
 
 
 def model_config(name, quick, **overrides):
@@ -174,6 +183,62 @@ def measured_peak(device, dtype, n, repeats):
         sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
+
+
+class ConvCalls(torch.overrides.TorchFunctionMode):
+    """Records every 2-D convolution run under it: (input shape, weight shape, stride, padding,
+    dilation, groups). Both nn.Conv2d and model.conv_norm's folded convolution call F.conv2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv2d:
+            self.calls.append(self.key(*args, **kwargs))
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def key(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        return tuple(input.shape), tuple(weight.shape), stride, padding, dilation, groups
+
+
+def conv_ceiling(cnn, images, device, repeats):
+    """The CNN's convolutions alone, the bulk of a step's FLOPs at large images: each distinct
+    convolution of a forward pass over `images` timed forward + backward (input and weight
+    gradients; the first one has no input gradient) on its own, in bf16 channels-last with cuDNN
+    autotuning, with no bias, BatchNorm, ReLU or residual add. A step runs its kernels one after
+    another on one stream, so its convolutions cost it at least this summed time: the step's
+    FLOPs over it bound the fraction of peak the step can reach. Returns (FLOPs, seconds) of
+    one pass."""
+    recorder = ConvCalls()
+    with torch.no_grad(), recorder:
+        cnn(images)
+    autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+    flops = seconds = 0.0
+    for (x_shape, w_shape, stride, padding, dilation, groups), count in Counter(recorder.calls).items():
+        def bf16(shape):
+            return torch.randn(shape, device=device, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+
+        x, w = bf16(x_shape), bf16(w_shape).requires_grad_()
+        x.requires_grad_(x_shape[1] != 3)  # the stem's input is the image: no gradient
+        inputs = (x, w) if x.requires_grad else (w,)
+        y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+        grad = torch.randn_like(y)
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first call autotunes
+            sync(device)
+            t = time.perf_counter()
+            # autograd.grad returns the gradients: no pass adding them into .grad
+            torch.autograd.grad(F.conv2d(x, w, None, stride, padding, dilation, groups), inputs, grad)
+            sync(device)
+            best = min(best, time.perf_counter() - t)
+        passes = 1 + len(inputs)  # forward, weight gradient, input gradient
+        flops += count * passes * 2 * y.numel() * w_shape[1] * w_shape[2] * w_shape[3]
+        seconds += count * best
+    torch.backends.cudnn.benchmark = autotune
+    return flops, seconds
 
 
 def sync(device):
@@ -332,8 +397,9 @@ class RowRun:
     measured on a warm-up step, so rows timed in alternation do not mix their peaks."""
 
     def __init__(self, cfg, row, base_models, device, tmp):
-        name, task, dtype, channels_last, fused, compile, per_image, impl = row
+        name, task, dtype, channels_last, fused, compile, self.autotune, per_image, impl = row
         per_image = per_image or cfg.captions_per_image
+        torch.backends.cudnn.benchmark = self.autotune
         if cfg.batch_size % per_image:
             raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of {per_image} captions per image")
         raw = copy.deepcopy(base_models[(task, impl)]).to(device).train()
@@ -373,6 +439,7 @@ class RowRun:
         self.train_step, self.times = train_step, []
 
     def step(self):
+        torch.backends.cudnn.benchmark = self.autotune  # rows are timed in alternation
         sync(self.device)
         t = time.perf_counter()
         self.losses = self.train_step()
@@ -401,12 +468,12 @@ def row_groups(wanted):
     for row in ROWS:
         if row[0] not in wanted:
             continue
-        partner = by_flags.get(row[1:7]) if row[7] == "baseline" else None
+        partner = by_flags.get(row[1:8]) if row[8] == "baseline" else None
         if partner is not None:
             partner.append(row)
         else:
             groups.append([row])
-            by_flags[row[1:7]] = groups[-1]
+            by_flags[row[1:8]] = groups[-1]
     return groups
 
 
@@ -560,6 +627,15 @@ def format_table(result):
         p = result["padding"]
         lines.append(f"aspect-ratio grouping ({p['batch_size']} images per batch, {p['mix']}): padded pixels "
                      f"{p['ungrouped']:.1%} without, {p['grouped']:.1%} with")
+    if "conv_ceiling" in result:
+        r = result["conv_ceiling"]
+        lines.append("convolutions alone (bf16, channels-last, cuDNN autotuned; forward + backward): " + (
+            r["error"] if "error" in r else
+            f"{r['ms_per_micro_batch']:.1f} ms per micro-batch of {r['images']} images, {r['tflops']:.3f} TFLOP/s = "
+            f"{r['peak_fraction']:.1%} of the bf16 peak" + (
+                f"; the pre-training step could reach at most {r['step_bound']:.1%} of peak if everything else "
+                f"took no time; they are {r['conv_share_of_fastest']:.0%} of the fastest row's step "
+                f"({r['fastest_row']})" if "step_bound" in r else "")))
     if "retrieval" in result:
         r = result["retrieval"]
         lines.append("retrieval scoring: " + (r["error"] if "error" in r else
@@ -588,8 +664,7 @@ def main(argv=None):
     out = cfg.out or os.path.join("runs", "bench", f"{cfg.device}_{cfg.model}{'_quick' if cfg.quick else ''}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     names = [r[0] for r in ROWS]
-    wanted = [n.strip() for n in cfg.rows.split(",")] if cfg.rows else \
-        [n for n in names if device.type == "cuda" or n not in CPU_OPT_IN]
+    wanted = [n.strip() for n in cfg.rows.split(",")] if cfg.rows else DEFAULT_ROWS[device.type]
     unknown = set(wanted) - set(names)
     if unknown:
         raise SystemExit(f"--rows: unknown {sorted(unknown)}; the rows are: {'; '.join(names)}")
@@ -653,10 +728,10 @@ def main(argv=None):
         for group in row_groups(wanted):
             runs = {}
             for row in group:
-                name, task, dtype, impl = row[0], row[1], row[2], row[7]
+                name, task, dtype, impl = row[0], row[1], row[2], row[8]
                 entries[name] = {"name": name, "task": task, "dtype": dtype, "channels_last": row[3],
-                                 "fused": row[4], "compile": row[5],
-                                 "captions_per_image": row[6] or cfg.captions_per_image, "impl": impl}
+                                 "fused": row[4], "compile": row[5], "autotune": row[6],
+                                 "captions_per_image": row[7] or cfg.captions_per_image, "impl": impl}
                 try:
                     if (task, impl) not in base_models:
                         c = c_pre if task == "pretrain" else c_vqa
@@ -689,6 +764,15 @@ def main(argv=None):
             save()
     compare_rows(result["rows"])
 
+    # ---- the convolutions' ceiling: the fraction of peak the pre-training step could reach if
+    # everything but its convolutions took no time
+    try:
+        result["conv_ceiling"] = ceiling_figures(cfg, c_pre, device, result)
+        progress(f"convolutions alone: {result['conv_ceiling']}")
+    except Exception as e:
+        result["conv_ceiling"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        traceback.print_exc()
+
     # ---- how many loader workers the measured step needs
     step_row = next((r for r in result["rows"] if r["name"] == "pretrain bf16 +cl +fused" and "samples_per_s" in r),
                     None)
@@ -702,6 +786,23 @@ def main(argv=None):
     table = format_table(result)
     print("\n" + table + f"\n\nwritten to {out} ({result['meta']['seconds']:.0f} s)")
     return result
+
+
+def ceiling_figures(cfg, c, device, result):
+    """conv_ceiling on one pre-training micro-batch's images, against the pre-training rows."""
+    images = step_batch(cfg, "pretrain", cfg.batch_size, 1, c.vocab_size, torch.Generator())["images"]
+    shapes_only = torch.empty(images.shape, device="meta")  # recording the calls needs shapes only
+    flops, seconds = conv_ceiling(ResNet(c).to("meta"), shapes_only, device, 10 if device.type == "cuda" else 1)
+    peak = result["peak_tflops"]["bf16"] * 1e12
+    out = {"images": len(images), "ms_per_micro_batch": 1000 * seconds, "tflops": flops / seconds / 1e12,
+           "peak_fraction": flops / seconds / peak}
+    rows = [r for r in result["rows"] if r["impl"] == "ours" and r["task"] == "pretrain" and r["dtype"] == "bf16"
+            and r["captions_per_image"] == 1 and "step_ms" in r]
+    if rows:  # the step's FLOPs if its convolutions' time were all its time; the fastest row's share
+        fastest = min(rows, key=lambda r: r["step_ms"])
+        out["step_bound"] = fastest["flops_per_step"] / (cfg.accum * seconds) / peak
+        out["fastest_row"], out["conv_share_of_fastest"] = fastest["name"], cfg.accum * seconds * 1000 / fastest["step_ms"]
+    return out
 
 
 def record_failure(entry, error, device):
@@ -719,7 +820,8 @@ def record_failure(entry, error, device):
 def compare_rows(rows):
     """Each baseline row against our row with the same flags: our step time / the baseline's."""
     def flags(r):
-        return tuple(r[k] for k in ("task", "dtype", "channels_last", "fused", "compile", "captions_per_image"))
+        return tuple(r[k] for k in ("task", "dtype", "channels_last", "fused", "compile", "autotune",
+                                    "captions_per_image"))
     ours = {flags(r): r for r in rows if r["impl"] == "ours" and "step_ms" in r}
     for r in rows:
         if r["impl"] == "baseline" and "step_ms" in r:

@@ -73,6 +73,17 @@ def test_r50_flops_are_the_known_resnet50_count():
     assert channels == 2048 and abs(total / 2 / 1e9 - 4.09) < 0.01
 
 
+@pytest.mark.parametrize("arch", ["tiny", "r50"])
+def test_conv_ceiling_times_every_convolution_of_the_cnn(arch):
+    """conv_ceiling finds the CNN's convolutions by recording its forward (on the meta device) and
+    times each: its FLOPs are the analytic count of the CNN's training step (forward, weight and
+    input gradients, none for the image)."""
+    c = bench.model_config(arch, arch == "tiny")
+    flops, seconds = bench.conv_ceiling(bench.ResNet(c).to("meta"), torch.empty(2, 3, 64, 96, device="meta"), CPU, 1)
+    cnn, stem, _ = bench.cnn_flops(c, 64, 96)
+    assert flops == 2 * (3 * cnn - stem) and seconds > 0
+
+
 @pytest.mark.parametrize("task", ["pretrain", "vqa"])
 def test_baseline_is_the_same_computation(task):
     """Our weights copied into the torchvision + transformers model give the same outputs, so the
@@ -119,7 +130,7 @@ def test_quick_run_writes_the_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = bench.main(["--quick", "--out", str(out), "--loader-images", "4"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    expected = [name for name, *_ in bench.ROWS if name not in bench.CPU_OPT_IN]
+    expected = bench.DEFAULT_ROWS["cpu"]
     assert [r["name"] for r in result["rows"]] == expected
     for r in result["rows"]:
         assert "error" not in r, r
@@ -142,6 +153,9 @@ def test_quick_run_writes_the_table(tmp_path, capsys):
     assert "error" not in retrieval, retrieval
     assert retrieval["transformer_pairs_per_s"] >= retrieval["pairs_per_s"] > 0 and 0 < retrieval["ratio"] <= 1
     assert retrieval["coco_5k_h"] > retrieval["flickr30k_1k_h"] > 0 and "retrieval scoring: 2 images x 32" in table
+    ceiling = result["conv_ceiling"]
+    assert ceiling["peak_fraction"] > 0 and ceiling["step_bound"] > 0 and ceiling["conv_share_of_fastest"] > 0
+    assert ceiling["fastest_row"] in expected and "convolutions alone" in table
 
 
 def test_bad_arguments_are_named(tmp_path):
