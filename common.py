@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from data import Tokenizer, normalize_images
 from model import PixelBert, PixelBertConfig, copy_weights
@@ -358,6 +360,34 @@ def seed_step(seed, rank, step):
     torch.manual_seed((int(a) << 31) ^ int(b))
     np.random.seed(int(a))
     random.seed(int(b))
+
+
+class Progress:
+    """A training loop's progress on rank 0. On a terminal: a tqdm bar whose postfix shows the
+    latest logged figures. Written to a file (a cluster job's log), a bar redraws itself into
+    one ever-growing line, so there each log step prints one plain line instead, e.g.
+    "step 20/800 | mlm 3.545 | itm 0.688 | lr 5.87e-04 | pairs_s 1347.8"."""
+
+    def __init__(self, total, initial, enabled):
+        self.total, self.enabled = total, enabled
+        self.bar = tqdm(total=total, initial=initial, disable=not (enabled and sys.stderr.isatty()),
+                        dynamic_ncols=True)
+
+    def update(self):
+        self.bar.update()
+
+    def show(self, step, **figures):
+        if not self.bar.disable:
+            self.bar.set_postfix(**figures)
+        elif self.enabled:
+            print(f"step {step}/{self.total} | " + " | ".join(f"{k} {v}" for k, v in figures.items()), flush=True)
+
+    def write(self, line):
+        if self.enabled:
+            self.bar.write(line)
+
+    def close(self):
+        self.bar.close()
 
 
 class BadImages:

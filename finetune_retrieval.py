@@ -18,6 +18,7 @@ transformer over batches of pairs) and retrieval_scores (both, sharded over proc
 """
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -212,7 +213,8 @@ def retrieval_scores(model, root, captions, ddp, min_size, max_size, dtype="bf16
     t1 = time.time()
     batches = caption_batches(captions, pairs_per_batch, ddp.device)
     bar = tqdm(total=len(rows) * C, disable=not (progress and ddp.is_main), unit="pair", unit_scale=True,
-               dynamic_ncols=True, desc=f"scoring {I}x{C}" + (f" ({W} processes)" if W > 1 else ""))
+               dynamic_ncols=True, desc=f"scoring {I}x{C}" + (f" ({W} processes)" if W > 1 else ""),
+               mininterval=0.1 if sys.stderr.isatty() else 60)  # in a log file: one redraw a minute
     mine = score_images(model, pixels, batches, C, dtype, bar)
     bar.close()
     sync()
@@ -337,7 +339,7 @@ def main(argv=None):
         common.print0("step 0: val " + recall_line(best))
         save_best()
     train_mode()
-    bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, dynamic_ncols=True)
+    bar = common.Progress(total_steps, step, ddp.is_main)
     t_last, step_last = time.time(), step
     preemption, bad_images = common.Preemption(), common.BadImages()
     while step < total_steps:
@@ -364,15 +366,14 @@ def main(argv=None):
                 rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
                 t_last, step_last = time.time(), step
                 lr = adamw.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", images_s=f"{rate:.1f}")
+                bar.show(step, loss=f"{total:.3f}", lr=f"{lr:.2e}", images_s=f"{rate:.1f}")
                 log.write(step=step, epoch=step / steps_per_epoch, loss=total.item(), lr=lr,
                           grad_norm=grad_norm.item(), skipped_steps=skipped_steps, images_per_s=rate)
             # validation recall each epoch, best kept; a stop signal skips it: the checkpoint comes first
             if (step % steps_per_epoch == 0 or step == total_steps) and not stop:
                 metrics = evaluate(val_captions)
                 log.write(step=step, epoch=step / steps_per_epoch, val=metrics)
-                if ddp.is_main:
-                    bar.write(f"epoch {step / steps_per_epoch:.1f}: val " + recall_line(metrics))
+                bar.write(f"epoch {step / steps_per_epoch:.1f}: val " + recall_line(metrics))
                 if metrics["rsum"] > best["rsum"]:
                     best = {**metrics, "step": step}
                     save_best()

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 import data
@@ -212,7 +211,7 @@ def main(argv=None):
         common.write_json(os.path.join(cfg.out_dir, "config.json"),
                           {"config": asdict(cfg), "model": asdict(raw_model.config)})
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, dynamic_ncols=True)
+    bar = common.Progress(total_steps, step, ddp.is_main)
     t_last, step_last = time.time(), step
     preemption, bad_images = common.Preemption(), common.BadImages()
     while step < total_steps:
@@ -237,16 +236,15 @@ def main(argv=None):
                 rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
                 t_last, step_last = time.time(), step
                 lr = optimizers[-1].param_groups[0]["lr"]
-                bar.set_postfix(bce=f"{total:.3f}", lr=f"{lr:.2e}", questions_s=f"{rate:.1f}")
+                bar.show(step, bce=f"{total:.3f}", lr=f"{lr:.2e}", questions_s=f"{rate:.1f}")
                 log.write(step=step, epoch=step / steps_per_epoch, loss=total.item(), lr=lr,
                           grad_norm=grad_norm.item(), skipped_steps=skipped_steps, questions_per_s=rate)
             # held-out accuracy each epoch, best kept; a stop signal skips it: the checkpoint comes first
             if (step % steps_per_epoch == 0 or step == total_steps) and not stop:
                 metrics = evaluate()
                 log.write(step=step, epoch=step / steps_per_epoch, **{cfg.eval_split: metrics})
-                if ddp.is_main:
-                    bar.write(f"epoch {step / steps_per_epoch:.1f}: {cfg.eval_split} accuracy "
-                              f"{metrics['overall']:.2f} {metrics['perAnswerType']}")
+                bar.write(f"epoch {step / steps_per_epoch:.1f}: {cfg.eval_split} accuracy "
+                          f"{metrics['overall']:.2f} {metrics['perAnswerType']}")
                 if metrics["overall"] > best["overall"]:
                     best = {**metrics, "step": step}
                     if ddp.is_main:

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 import data
@@ -225,7 +224,7 @@ def main(argv=None):
     if ddp.is_main:
         common.write_json(os.path.join(cfg.out_dir, "config.json"), {"config": asdict(cfg), "model": asdict(model_cfg)})
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not ddp.is_main, dynamic_ncols=True)
+    bar = common.Progress(total_steps, step, ddp.is_main)
     t_last, step_last = time.time(), step
     preemption, bad_images = common.Preemption(), common.BadImages()
     while step < total_steps:
@@ -252,14 +251,13 @@ def main(argv=None):
                 rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
                 t_last, step_last = time.time(), step
                 lr = optimizers[-1].param_groups[0]["lr"]
-                bar.set_postfix(mlm=f"{totals[0]:.3f}", itm=f"{totals[1]:.3f}", lr=f"{lr:.2e}", pairs_s=f"{rate:.1f}")
+                bar.show(step, mlm=f"{totals[0]:.3f}", itm=f"{totals[1]:.3f}", lr=f"{lr:.2e}", pairs_s=f"{rate:.1f}")
                 log.write(step=step, epoch=step / steps_per_epoch, mlm_loss=totals[0].item(), itm_loss=totals[1].item(),
                           lr=lr, grad_norm=grad_norm.item(), skipped_steps=skipped_steps, pairs_per_s=rate)
             # A stop signal skips the evaluation: the checkpoint comes first (torchrun kills 30 s later).
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and not stop:
                 metrics = evaluate()
-                if ddp.is_main:
-                    bar.write(f"step {step}: {metrics}")
+                bar.write(f"step {step}: {metrics}")
                 log.write(step=step, **metrics)
             if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps or stop):
                 common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)

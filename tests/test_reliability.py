@@ -1,5 +1,5 @@
 """Reliability (issue 7): exact resumption, preemption signals, crash-safe checkpoints, safe
-loading, bad input, numerical failure, impossible settings, multi-node runs. Each test drives
+loading, bad input, numerical failure, impossible settings, multi-node runs, logs. Each test drives
 the real scripts (pretrain.py, finetune_vqa.py) or the common.py helpers they call."""
 
 import json
@@ -485,3 +485,24 @@ def test_missing_vqa_file_names_the_download(corpus, tmp_path):
                                              "v2_Annotations_Train_mscoco.zip from https://visualqa.org"):
         finetune_vqa.main(flags(data_root=str(root), init="", model="tiny", out_dir=str(tmp_path / "out"),
                                 global_batch=10, batch_size=10))
+
+
+# ---- 9. logs
+
+
+def test_progress_prints_plain_lines_into_a_log_file(capsys):
+    """Off a terminal (pytest captures the output, as a job's log file does), each log step is one
+    plain line, not a redrawn bar; on other ranks nothing is printed."""
+    bar = common.Progress(4, 0, enabled=True)
+    bar.update()
+    bar.show(1, loss="0.500", lr="1.00e-04")
+    bar.write("epoch 1.0: val accuracy 50.00")
+    bar.close()
+    other_rank = common.Progress(4, 0, enabled=False)
+    other_rank.update()
+    other_rank.show(1, loss="9.000")
+    other_rank.write("epoch 1.0")
+    other_rank.close()
+    out = capsys.readouterr()
+    assert out.out.splitlines() == ["step 1/4 | loss 0.500 | lr 1.00e-04", "epoch 1.0: val accuracy 50.00"]
+    assert "\r" not in out.out + out.err
