@@ -52,7 +52,7 @@ class Config:
     num_answers: int = 3129  # VQA answer vocabulary (the standard VQA v2 one)
     steps: int = 0  # timed steps per row
     warmup: int = -1  # untimed steps per row, where compilation happens (-1: the device's default)
-    rows: str = ""  # comma-separated row names to run (default: all of the device's rows)
+    rows: str = ""  # comma-separated row names to run (default: the device's DEFAULT_ROWS)
     loader_images: int = 0  # JPEGs decoded for the data-loading row
     retrieval_images: int = 0  # retrieval scoring: images x captions, every pair scored (the full protocol's shape)
     retrieval_captions: int = 0
@@ -77,8 +77,8 @@ DEFAULTS = {
                   loader_images=4, threads=1, retrieval_images=2, retrieval_captions=32),
 }
 
-# The training rows, each one flag away from the row before it (fp32 +cl +fused is bf16's
-# like-for-like reference). Columns: name, task, precision, channels_last, fused optimisers,
+# The training rows, each named by the flags it adds to plain fp32 or bf16 (fp32 +cl +fused is
+# bf16's like-for-like reference). Columns: name, task, precision, channels_last, fused optimisers,
 # torch.compile, cuDNN autotuning (torch.backends.cudnn.benchmark), captions per image (1: the
 # paper; 0: --captions-per-image), model (ours, or the torchvision + transformers baseline).
 ROWS = [
@@ -98,13 +98,13 @@ ROWS = [
     ("pretrain bf16 +cl +fused +autotune +compile", "pretrain", "bf16", True, True, True, True, 1, "ours"),
 ]
 # torch.compile comes last, so that a slow or failing compilation leaves every other row measured.
-# Each device's default rows (any row runs when named in --rows): cuDNN autotuning exists only on
-# CUDA, where it is measured eagerly (the compiled row with it is opt-in: 0.91x the compiled row
-# without it on an H200); on the CPU, compiling r50 + BERT-base forward and backward takes minutes
-# on 2 cores (4.5 for r50, 3 for tiny, measured), so no compiled row.
+# Each device's default rows; any other row runs when named in --rows. The compiled rows are
+# opt-in: compiling r50 + BERT-base forward and backward takes minutes (4.5 on this 2-core CPU,
+# ~1 on an H200 at micro-batch 8; at 32, one attempt had not finished after 200 s). cuDNN
+# autotuning exists only on CUDA.
 DEFAULT_ROWS = {
     "cpu": [r[0] for r in ROWS if not r[5] and not r[6]],
-    "cuda": [r[0] for r in ROWS if not (r[5] and r[6])],
+    "cuda": [r[0] for r in ROWS if not r[5]],
 }
 
 
@@ -207,22 +207,22 @@ class ConvCalls(torch.overrides.TorchFunctionMode):
 def conv_ceiling(cnn, images, device, repeats):
     """The CNN's convolutions alone, the bulk of a step's FLOPs at large images: each distinct
     convolution of a forward pass over `images` timed forward + backward (input and weight
-    gradients; the first one has no input gradient) on its own, in bf16 channels-last with cuDNN
-    autotuning, with no bias, BatchNorm, ReLU or residual add. A step runs its kernels one after
+    gradients; the first one has no input gradient) on its own, in bf16 channels-last (cuDNN
+    autotuned on CUDA), with no bias, BatchNorm, ReLU or residual add. A step runs its kernels one after
     another on one stream, so its convolutions cost it at least this summed time: the step's
     FLOPs over it bound the fraction of peak the step can reach. Returns (FLOPs, seconds) of
     one pass."""
     recorder = ConvCalls()
     with torch.no_grad(), recorder:
         cnn(images)
-    autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+    autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, device.type == "cuda"
     flops = seconds = 0.0
     for (x_shape, w_shape, stride, padding, dilation, groups), count in Counter(recorder.calls).items():
         def bf16(shape):
             return torch.randn(shape, device=device, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
 
         x, w = bf16(x_shape), bf16(w_shape).requires_grad_()
-        x.requires_grad_(x_shape[1] != 3)  # the stem's input is the image: no gradient
+        x.requires_grad_(x_shape != recorder.calls[0][0])  # the stem's input is the image: no gradient
         inputs = (x, w) if x.requires_grad else (w,)
         y = F.conv2d(x, w, None, stride, padding, dilation, groups)
         grad = torch.randn_like(y)
@@ -629,7 +629,8 @@ def format_table(result):
                      f"{p['ungrouped']:.1%} without, {p['grouped']:.1%} with")
     if "conv_ceiling" in result:
         r = result["conv_ceiling"]
-        lines.append("convolutions alone (bf16, channels-last, cuDNN autotuned; forward + backward): " + (
+        tuned = ", cuDNN autotuned" if r.get("autotuned") else ""
+        lines.append(f"convolutions alone (bf16, channels-last{tuned}; forward + backward): " + (
             r["error"] if "error" in r else
             f"{r['ms_per_micro_batch']:.1f} ms per micro-batch of {r['images']} images, {r['tflops']:.3f} TFLOP/s = "
             f"{r['peak_fraction']:.1%} of the bf16 peak" + (
@@ -668,6 +669,9 @@ def main(argv=None):
     unknown = set(wanted) - set(names)
     if unknown:
         raise SystemExit(f"--rows: unknown {sorted(unknown)}; the rows are: {'; '.join(names)}")
+    cuda_only = [r[0] for r in ROWS if r[0] in wanted and r[6]] if device.type != "cuda" else []
+    if cuda_only:
+        raise SystemExit(f"--rows: {cuda_only} autotune cuDNN, which needs --device cuda")
     torch.manual_seed(cfg.seed)
     t_start = time.time()
 
@@ -722,8 +726,18 @@ def main(argv=None):
         result["retrieval"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         traceback.print_exc()
 
+    # ---- the convolutions' ceiling (before the rows: a slow compiled row cannot lose it)
+    try:
+        result["conv_ceiling"] = ceiling_figures(cfg, c_pre, device, result["peak_tflops"]["bf16"] * 1e12)
+        progress(f"convolutions alone: {result['conv_ceiling']}")
+        save()
+    except Exception as e:
+        result["conv_ceiling"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        traceback.print_exc()
+
     # ---- training rows; ours and the baseline with the same flags in alternation
     base_models, entries = {}, {}
+    autotune = torch.backends.cudnn.benchmark  # rows set it; the caller gets its own back
     with tempfile.TemporaryDirectory() as tmp:
         for group in row_groups(wanted):
             runs = {}
@@ -762,16 +776,10 @@ def main(argv=None):
                                                  f"{entry['mem_mb_per_sample']:.0f} MB/sample"))
             result["rows"] = [entries[row[0]] for row in ROWS if row[0] in entries]
             save()
+    torch.backends.cudnn.benchmark = autotune
     compare_rows(result["rows"])
-
-    # ---- the convolutions' ceiling: the fraction of peak the pre-training step could reach if
-    # everything but its convolutions took no time
-    try:
-        result["conv_ceiling"] = ceiling_figures(cfg, c_pre, device, result)
-        progress(f"convolutions alone: {result['conv_ceiling']}")
-    except Exception as e:
-        result["conv_ceiling"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-        traceback.print_exc()
+    if "error" not in result["conv_ceiling"]:
+        compare_ceiling(result["conv_ceiling"], result["rows"], cfg.accum, result["peak_tflops"]["bf16"] * 1e12)
 
     # ---- how many loader workers the measured step needs
     step_row = next((r for r in result["rows"] if r["name"] == "pretrain bf16 +cl +fused" and "samples_per_s" in r),
@@ -788,21 +796,25 @@ def main(argv=None):
     return result
 
 
-def ceiling_figures(cfg, c, device, result):
-    """conv_ceiling on one pre-training micro-batch's images, against the pre-training rows."""
+def ceiling_figures(cfg, c, device, peak):
+    """conv_ceiling on one pre-training micro-batch's images."""
     images = step_batch(cfg, "pretrain", cfg.batch_size, 1, c.vocab_size, torch.Generator())["images"]
-    shapes_only = torch.empty(images.shape, device="meta")  # recording the calls needs shapes only
-    flops, seconds = conv_ceiling(ResNet(c).to("meta"), shapes_only, device, 10 if device.type == "cuda" else 1)
-    peak = result["peak_tflops"]["bf16"] * 1e12
-    out = {"images": len(images), "ms_per_micro_batch": 1000 * seconds, "tflops": flops / seconds / 1e12,
-           "peak_fraction": flops / seconds / peak}
-    rows = [r for r in result["rows"] if r["impl"] == "ours" and r["task"] == "pretrain" and r["dtype"] == "bf16"
+    with torch.device("meta"):  # recording the calls needs shapes only
+        cnn, shapes_only = ResNet(c), torch.empty(images.shape)
+    flops, seconds = conv_ceiling(cnn, shapes_only, device, 10 if device.type == "cuda" else 1)
+    return {"images": len(images), "ms_per_micro_batch": 1000 * seconds, "tflops": flops / seconds / 1e12,
+            "peak_fraction": flops / seconds / peak, "autotuned": device.type == "cuda"}
+
+
+def compare_ceiling(ceiling, rows, accum, peak):
+    """The step's FLOPs if its convolutions' time were all of its time (the most it can reach),
+    and the convolutions' share of our fastest bf16 pre-training step."""
+    rows = [r for r in rows if r["impl"] == "ours" and r["task"] == "pretrain" and r["dtype"] == "bf16"
             and r["captions_per_image"] == 1 and "step_ms" in r]
-    if rows:  # the step's FLOPs if its convolutions' time were all its time; the fastest row's share
-        fastest = min(rows, key=lambda r: r["step_ms"])
-        out["step_bound"] = fastest["flops_per_step"] / (cfg.accum * seconds) / peak
-        out["fastest_row"], out["conv_share_of_fastest"] = fastest["name"], cfg.accum * seconds * 1000 / fastest["step_ms"]
-    return out
+    if rows:
+        fastest, seconds = min(rows, key=lambda r: r["step_ms"]), accum * ceiling["ms_per_micro_batch"] / 1000
+        ceiling.update(step_bound=fastest["flops_per_step"] / seconds / peak, fastest_row=fastest["name"],
+                       conv_share_of_fastest=1000 * seconds / fastest["step_ms"])
 
 
 def record_failure(entry, error, device):

@@ -79,7 +79,9 @@ def test_conv_ceiling_times_every_convolution_of_the_cnn(arch):
     times each: its FLOPs are the analytic count of the CNN's training step (forward, weight and
     input gradients, none for the image)."""
     c = bench.model_config(arch, arch == "tiny")
-    flops, seconds = bench.conv_ceiling(bench.ResNet(c).to("meta"), torch.empty(2, 3, 64, 96, device="meta"), CPU, 1)
+    with torch.device("meta"):
+        cnn, images = bench.ResNet(c), torch.empty(2, 3, 64, 96)
+    flops, seconds = bench.conv_ceiling(cnn, images, CPU, 1)
     cnn, stem, _ = bench.cnn_flops(c, 64, 96)
     assert flops == 2 * (3 * cnn - stem) and seconds > 0
 
@@ -132,6 +134,7 @@ def test_quick_run_writes_the_table(tmp_path, capsys):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     expected = bench.DEFAULT_ROWS["cpu"]
     assert [r["name"] for r in result["rows"]] == expected
+    assert not any(r[5] or r[6] for r in bench.ROWS if r[0] in expected)  # no compile, no cuDNN autotuning
     for r in result["rows"]:
         assert "error" not in r, r
         if "skipped" in r:  # only the baseline rows may be skipped, when transformers is absent
@@ -166,6 +169,8 @@ def test_bad_arguments_are_named(tmp_path):
             bench.main(["--device", "cuda"])
     with pytest.raises(SystemExit, match="--rows: unknown"):
         bench.main(["--quick", "--rows", "pretrain fp64", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="autotune cuDNN, which needs --device cuda"):
+        bench.main(["--quick", "--rows", "pretrain bf16 +cl +fused +autotune", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="--source-size '640by480': give WIDTHxHEIGHT"):
         bench.main(["--quick", "--source-size", "640by480", "--rows", "pretrain fp32",
                     "--out", str(tmp_path / "x.json")])

@@ -506,3 +506,13 @@ def test_progress_prints_plain_lines_into_a_log_file(capsys):
     out = capsys.readouterr()
     assert out.out.splitlines() == ["step 1/4 | loss 0.500 | lr 1.00e-04", "epoch 1.0: val accuracy 50.00"]
     assert "\r" not in out.out + out.err
+
+
+def test_progress_is_a_bar_on_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = common.Progress(4, 0, enabled=True)
+    bar.update()
+    bar.show(1, loss="0.500")
+    bar.close()
+    out = capsys.readouterr()
+    assert "step 1/4" not in out.out and "loss=0.500" in out.err and "1/4" in out.err

@@ -263,7 +263,7 @@ def test_short_finetuning_improves_recall(demo_pretraining, tmp_path):
     state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("itm_head.")}
     init = str(tmp_path / "no_itm.pt")
     common.save_checkpoint(state, init)
-    args = [f"--data-root={root}", f"--init={init}", "--num-workers=0", "--seed=0"]
+    args = [f"--data-root={root}", f"--init={init}", "--num-workers=0", "--seed=1"]
     start = finetune_retrieval.main(args + [f"--out-dir={tmp_path / 'start'}", "--max-steps=1", "--lr=1e-12"])
     tuned = finetune_retrieval.main(args + [f"--out-dir={tmp_path / 'tuned'}", "--epochs=2", "--lr=1e-4"])
     assert start["tr_r1"] + start["ir_r1"] < 6, start
