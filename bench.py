@@ -9,7 +9,8 @@ baseline, data loading, aspect-ratio grouping, memory, and the ceiling the CNN's
     python bench.py --device cuda --model r50        # GPU: r50 at the paper's 800x1333
 
 Every row runs the code the training scripts run: model.PixelBert, model.make_optimizers,
-data.collate, common.batch_to_device, common.autocast and common.train_step. Throughput
+data.collate, common.batch_to_device, common.autocast, common.train_step, and the scripts' own
+loss functions (pretrain.losses, finetune_vqa.vqa_loss). Throughput
 figures come with the achieved FLOP/s (counted analytically, see train_flops) as a fraction of
 the same process's measured dense-matmul peak in the same precision; compare ratios measured in
 one run, since absolute figures move with whatever else runs on the machine.
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 
 import common
 import data
+import finetune_vqa
+import pretrain
 from model import CNN_STRIDE, RESNET_LAYERS, PixelBert, ResNet, make_optimizers, sample_pixels
 
 
@@ -353,27 +356,14 @@ def step_batch(cfg, task, texts, captions_per_image, vocab_size, gen):
 # One training row
 
 
-def pretrain_losses(model, raw, batch, device, dtype, pixel_samples):
-    """pretrain.py's loss: MLM on the masked tokens and ITM on [CLS], each a mean over the batch."""
-    with common.autocast(device, dtype):
-        hidden, pooled = model(batch["mlm_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
-                               image_index=batch["image_index"], sample_pixel_count=pixel_samples or None)
-        labels = batch["mlm_labels"]
-        masked = labels != data.IGNORE
-        mlm_logits = raw.mlm_logits(hidden[:, : labels.shape[1]][masked])
-        itm_logits = raw.itm_head(pooled)
-    mlm = F.cross_entropy(mlm_logits.float(), labels[masked])
-    itm = F.cross_entropy(itm_logits.float(), batch["itm_labels"])
-    return torch.stack([mlm, itm])
-
-
-def vqa_losses(model, raw, batch, device, dtype):
-    """finetune_vqa.py's loss: BCE against soft targets on the [CLS] head, all pixels."""
-    with common.autocast(device, dtype):
-        _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
-                          image_index=batch["image_index"])
-        logits = raw.vqa_head(pooled)
-    return F.binary_cross_entropy_with_logits(logits.float(), batch["targets"], reduction="sum")[None] / len(logits)
+def step_losses(task, model, raw, batch, device, dtype, pixel_samples, accum=1):
+    """The training scripts' own loss functions (pretrain.losses, finetune_vqa.vqa_loss) on one
+    of `accum` identical micro-batches, normalised by the global batch's counts as they are."""
+    if task == "pretrain":
+        num_masked = (batch["mlm_labels"] != data.IGNORE).sum() * accum
+        num_pairs = torch.tensor(len(batch["itm_labels"]) * accum, device=num_masked.device)
+        return pretrain.losses(model, raw, batch, num_masked, num_pairs, device, dtype, pixel_samples)
+    return finetune_vqa.vqa_loss(model, raw, batch, len(batch["targets"]) * accum, device, dtype)
 
 
 def saved_activation_bytes(fn):
@@ -411,12 +401,9 @@ class RowRun:
         batch = step_batch(cfg, task, cfg.batch_size, per_image, raw.config.vocab_size,
                            torch.Generator().manual_seed(cfg.seed))
         batch = common.batch_to_device(batch, device, channels_last)
-        if task == "pretrain":
-            def loss_fn(b):
-                return pretrain_losses(model, raw, b, device, dtype, cfg.pixel_samples)
-        else:
-            def loss_fn(b):
-                return vqa_losses(model, raw, b, device, dtype)
+
+        def loss_fn(b):
+            return step_losses(task, model, raw, b, device, dtype, cfg.pixel_samples, cfg.accum)
 
         def train_step():
             return common.train_step(model, [batch] * cfg.accum, loss_fn, optimizers, scaler, raw.parameters(), 10.0,

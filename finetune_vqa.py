@@ -93,6 +93,19 @@ PRESETS = {"demo": dict(model="tiny", init="runs/demo_pretrain/final.pt", image_
                         out_dir="runs/demo_vqa")}
 
 
+def vqa_loss(model, raw_model, batch, num_questions, device, dtype):
+    """Binary cross-entropy against the soft targets, summed over answers and divided by the
+    number of questions in the global batch (so accumulation and processes do not change it).
+    `model` runs the forward (DDP- or compile-wrapped), `raw_model` owns the head. bench.py
+    times this too."""
+    with common.autocast(device, dtype):
+        _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
+                          image_index=batch["image_index"])
+        logits = raw_model.vqa_head(pooled)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), batch["targets"], reduction="sum")
+    return bce[None] / num_questions
+
+
 def predict(model, loader, answers, ddp, dtype, channels_last=True):
     """Every question of the loader's dataset -> {"question_id", "answer"} (the submission
     format), gathered from all processes. The most likely answer of the vocabulary wins."""
@@ -195,16 +208,6 @@ def main(argv=None):
         model.train()
         return vqa_score(predictions, eval_a, f"{cfg.eval_split} predictions")
 
-    def vqa_loss(batch, num_questions):
-        """Binary cross-entropy against the soft targets, summed over answers and divided by the
-        number of questions in the global batch (so accumulation and processes do not change it)."""
-        with common.autocast(ddp.device, cfg.dtype):
-            _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
-                              image_index=batch["image_index"])
-            logits = raw_model.vqa_head(pooled)
-        bce = F.binary_cross_entropy_with_logits(logits.float(), batch["targets"], reduction="sum")
-        return bce[None] / num_questions
-
     # ---- training loop
     log = common.MetricLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ddp.is_main)
     if ddp.is_main:
@@ -226,8 +229,9 @@ def main(argv=None):
             num_questions = common.all_reduce_sum(torch.tensor(sum(len(b["question_id"]) for b in micro),
                                                                device=ddp.device, dtype=torch.float))
             common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
-            (total,), grad_norm = common.train_step(model, micro, lambda b: vqa_loss(b, num_questions), optimizers,
-                                                    scaler, raw_model.parameters(), cfg.grad_clip, cfg.out_dir, step)
+            (total,), grad_norm = common.train_step(
+                model, micro, lambda b: vqa_loss(model, raw_model, b, num_questions, ddp.device, cfg.dtype),
+                optimizers, scaler, raw_model.parameters(), cfg.grad_clip, cfg.out_dir, step)
             step += 1
             skipped_steps += not torch.isfinite(grad_norm).item()  # fp16: the scaler skipped an overflowing step
             stop = preemption.requested(ddp.device)  # every rank stops after the same step

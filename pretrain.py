@@ -96,6 +96,25 @@ PRESETS = {"demo": dict(model="tiny", image_min_size=128, image_max_size=192, ba
 EVAL_EPOCH = 1_000_000  # the (fixed) epoch number that seeds held-out masking and negatives
 
 
+def losses(model, raw_model, batch, num_masked, num_pairs, device, dtype, pixel_samples, tasks=("mlm", "itm")):
+    """Summed MLM and ITM losses of one micro-batch, each divided by its count over the whole
+    global batch (every process, every micro-step), so accumulation and the number of
+    processes do not change the loss being optimised. `model` is what runs the forward (DDP- or
+    compile-wrapped), `raw_model` the PixelBert whose heads it uses. bench.py times this too."""
+    with common.autocast(device, dtype):
+        hidden, pooled = model(batch["mlm_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
+                               image_index=batch["image_index"], sample_pixel_count=pixel_samples or None)
+        labels = batch["mlm_labels"]
+        masked = labels != data.IGNORE
+        mlm_logits = raw_model.mlm_logits(hidden[:, : labels.shape[1]][masked])
+        itm_logits = raw_model.itm_head(pooled)
+    mlm = F.cross_entropy(mlm_logits.float(), labels[masked], reduction="sum") / num_masked.clamp(min=1)
+    itm = F.cross_entropy(itm_logits.float(), batch["itm_labels"], reduction="sum") / num_pairs
+    # A dropped objective still joins the graph with weight 0, so every parameter gets a
+    # (zero) gradient and DDP's all-reduce sees the same parameters on every step.
+    return torch.stack([mlm * ("mlm" in tasks), itm * ("itm" in tasks)])
+
+
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
     ddp = common.setup_distributed(cfg.device)
@@ -173,23 +192,6 @@ def main(argv=None):
                 "model_config": asdict(model_cfg), "vocab": tokenizer.vocab_tokens(), "task": "pretrain",
                 "skipped_steps": skipped_steps}
 
-    def losses(batch, num_masked, num_pairs):
-        """Summed MLM and ITM losses of one micro-batch, each divided by its count over the whole
-        global batch (every process, every micro-step), so accumulation and the number of
-        processes do not change the loss being optimised."""
-        with common.autocast(ddp.device, cfg.dtype):
-            hidden, pooled = model(batch["mlm_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
-                                   image_index=batch["image_index"], sample_pixel_count=cfg.pixel_samples or None)
-            labels = batch["mlm_labels"]
-            masked = labels != data.IGNORE
-            mlm_logits = raw_model.mlm_logits(hidden[:, : labels.shape[1]][masked])
-            itm_logits = raw_model.itm_head(pooled)
-        mlm = F.cross_entropy(mlm_logits.float(), labels[masked], reduction="sum") / num_masked.clamp(min=1)
-        itm = F.cross_entropy(itm_logits.float(), batch["itm_labels"], reduction="sum") / num_pairs
-        # A dropped objective still joins the graph with weight 0, so every parameter gets a
-        # (zero) gradient and DDP's all-reduce sees the same parameters on every step.
-        return mlm * ("mlm" in tasks), itm * ("itm" in tasks)
-
     @torch.no_grad()
     def evaluate():
         """Held-out MLM accuracy on matched pairs, and ITM accuracy on unmasked captions, with
@@ -241,8 +243,10 @@ def main(argv=None):
                                    sum(len(b["itm_labels"]) for b in micro)], device=ddp.device)
             common.all_reduce_sum(counts)
             common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
-            totals, grad_norm = common.train_step(model, micro, lambda b: torch.stack(losses(b, *counts)), optimizers,
-                                                  scaler, raw_model.parameters(), cfg.grad_clip, cfg.out_dir, step)
+            totals, grad_norm = common.train_step(
+                model, micro, lambda b: losses(model, raw_model, b, *counts, ddp.device, cfg.dtype, cfg.pixel_samples,
+                                               tasks),
+                optimizers, scaler, raw_model.parameters(), cfg.grad_clip, cfg.out_dir, step)
             step += 1
             skipped_steps += not torch.isfinite(grad_norm).item()  # fp16: the scaler skipped an overflowing step
             stop = preemption.requested(ddp.device)  # every rank stops after the same step

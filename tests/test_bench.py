@@ -31,9 +31,7 @@ def small_cfg(**overrides):
 
 
 def losses(task, model, batch, cfg):
-    if task == "pretrain":
-        return bench.pretrain_losses(model, model, batch, CPU, "fp32", cfg.pixel_samples)
-    return bench.vqa_losses(model, model, batch, CPU, "fp32")
+    return bench.step_losses(task, model, model, batch, CPU, "fp32", cfg.pixel_samples)
 
 
 @pytest.mark.parametrize("task,arch,per_image,pool", [
