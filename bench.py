@@ -10,10 +10,10 @@ baseline, data loading, aspect-ratio grouping, memory, and the ceiling the CNN's
 
 Every row runs the code the training scripts run: model.PixelBert, model.make_optimizers,
 data.collate, common.batch_to_device, common.autocast, common.train_step, and the scripts' own
-loss functions (pretrain.losses, finetune_vqa.vqa_loss). Throughput
-figures come with the achieved FLOP/s (counted analytically, see train_flops) as a fraction of
-the same process's measured dense-matmul peak in the same precision; compare ratios measured in
-one run, since absolute figures move with whatever else runs on the machine.
+loss functions (pretrain.losses, finetune_vqa.vqa_loss). Throughput figures come with the
+achieved FLOP/s (counted analytically, see train_flops) as a fraction of the same process's
+measured dense-matmul peak in the same precision; compare ratios measured in one run, since
+absolute figures move with whatever else runs on the machine.
 """
 
 import copy
