@@ -35,6 +35,7 @@ import os
 import statistics
 import sys
 
+import common
 import evaluate
 import finetune_nlvr
 import finetune_retrieval
@@ -128,9 +129,7 @@ def main(argv=None):
             continue
         print(f"[ablation] {key}: {command}", flush=True)
         results[key] = {**main_fn(step_argv), "command": command}
-        with open(results_path + ".tmp", "w") as f:  # written whole, then renamed: never half a file
-            json.dump(results, f, indent=1)
-        os.replace(results_path + ".tmp", results_path)
+        common.write_json(results_path, results)
     table = markdown_table(results, variants, seeds)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table + "\n")

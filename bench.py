@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, namedtuple
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -81,24 +81,26 @@ DEFAULTS = {
 }
 
 # The training rows, each named by the flags it adds to plain fp32 or bf16 (fp32 +cl +fused is
-# bf16's like-for-like reference). Columns: name, task, precision, channels_last, fused optimisers,
-# torch.compile, cuDNN autotuning (torch.backends.cudnn.benchmark), captions per image (1: the
-# paper; 0: --captions-per-image), model (ours, or the torchvision + transformers baseline).
+# bf16's like-for-like reference): precision, channels_last, fused optimisers, torch.compile, cuDNN
+# autotuning (torch.backends.cudnn.benchmark), captions per image (1: the paper; 0:
+# --captions-per-image), and the model (ours, or the torchvision + transformers baseline).
+Row = namedtuple("Row", "name task dtype channels_last fused compile autotune captions_per_image impl")
+FLAGS = Row._fields[1:-1]  # what our row and the baseline row compared with it share
 ROWS = [
-    ("pretrain fp32", "pretrain", "fp32", False, False, False, False, 1, "ours"),
-    ("pretrain fp32 +cl +fused", "pretrain", "fp32", True, True, False, False, 1, "ours"),
-    ("pretrain bf16", "pretrain", "bf16", False, False, False, False, 1, "ours"),
-    ("pretrain bf16 +channels_last", "pretrain", "bf16", True, False, False, False, 1, "ours"),
-    ("pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, False, 1, "ours"),
-    ("pretrain bf16 +cl +fused +autotune", "pretrain", "bf16", True, True, False, True, 1, "ours"),
-    ("pretrain bf16 +cl +fused +captions/image", "pretrain", "bf16", True, True, False, False, 0, "ours"),
-    ("baseline pretrain fp32", "pretrain", "fp32", False, False, False, False, 1, "baseline"),
-    ("baseline pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, False, 1, "baseline"),
-    ("baseline pretrain bf16 +cl +fused +autotune", "pretrain", "bf16", True, True, False, True, 1, "baseline"),
-    ("vqa fp32", "vqa", "fp32", False, False, False, False, 1, "ours"),
-    ("vqa bf16 +cl +fused", "vqa", "bf16", True, True, False, False, 1, "ours"),
-    ("pretrain bf16 +cl +fused +compile", "pretrain", "bf16", True, True, True, False, 1, "ours"),
-    ("pretrain bf16 +cl +fused +autotune +compile", "pretrain", "bf16", True, True, True, True, 1, "ours"),
+    Row("pretrain fp32", "pretrain", "fp32", False, False, False, False, 1, "ours"),
+    Row("pretrain fp32 +cl +fused", "pretrain", "fp32", True, True, False, False, 1, "ours"),
+    Row("pretrain bf16", "pretrain", "bf16", False, False, False, False, 1, "ours"),
+    Row("pretrain bf16 +channels_last", "pretrain", "bf16", True, False, False, False, 1, "ours"),
+    Row("pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, False, 1, "ours"),
+    Row("pretrain bf16 +cl +fused +autotune", "pretrain", "bf16", True, True, False, True, 1, "ours"),
+    Row("pretrain bf16 +cl +fused +captions/image", "pretrain", "bf16", True, True, False, False, 0, "ours"),
+    Row("baseline pretrain fp32", "pretrain", "fp32", False, False, False, False, 1, "baseline"),
+    Row("baseline pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, False, 1, "baseline"),
+    Row("baseline pretrain bf16 +cl +fused +autotune", "pretrain", "bf16", True, True, False, True, 1, "baseline"),
+    Row("vqa fp32", "vqa", "fp32", False, False, False, False, 1, "ours"),
+    Row("vqa bf16 +cl +fused", "vqa", "bf16", True, True, False, False, 1, "ours"),
+    Row("pretrain bf16 +cl +fused +compile", "pretrain", "bf16", True, True, True, False, 1, "ours"),
+    Row("pretrain bf16 +cl +fused +autotune +compile", "pretrain", "bf16", True, True, True, True, 1, "ours"),
 ]
 # torch.compile comes last, so that a slow or failing compilation leaves every other row measured.
 # Each device's default rows; any other row runs when named in --rows. The compiled rows are
@@ -106,8 +108,8 @@ ROWS = [
 # ~1 on an H200 at micro-batch 8; at 32, one attempt had not finished after 200 s). cuDNN
 # autotuning exists only on CUDA.
 DEFAULT_ROWS = {
-    "cpu": [r[0] for r in ROWS if not r[5] and not r[6]],
-    "cuda": [r[0] for r in ROWS if not r[5]],
+    "cpu": [r.name for r in ROWS if not r.compile and not r.autotune],
+    "cuda": [r.name for r in ROWS if not r.compile],
 }
 
 
@@ -175,17 +177,22 @@ def train_flops(c, images, H, W, texts, text_len, pixel_tokens, masked=0, answer
     return fwd + (2 * fwd - images * stem if backward else 0)
 
 
+def fastest(fn, device, repeats):
+    """Seconds of the fastest of 1 + repeats calls of fn() (the first warms up, or autotunes)."""
+    best = float("inf")
+    for _ in range(repeats + 1):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def measured_peak(device, dtype, n, repeats):
     """FLOP/s of an n x n x n matrix product in `dtype`, the best of `repeats` timings."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first call warms up
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / fastest(lambda: a @ b, device, repeats)
 
 
 class ConvCalls(torch.overrides.TorchFunctionMode):
@@ -211,32 +218,30 @@ def conv_ceiling(cnn, images, device, repeats):
     """The CNN's convolutions alone, the bulk of a step's FLOPs at large images: each distinct
     convolution of a forward pass over `images` timed forward + backward (input and weight
     gradients; the first one has no input gradient) on its own, in bf16 channels-last (cuDNN
-    autotuned on CUDA), with no bias, BatchNorm, ReLU or residual add. A step runs its kernels one after
-    another on one stream, so its convolutions cost it at least this summed time: the step's
-    FLOPs over it bound the fraction of peak the step can reach. Returns (FLOPs, seconds) of
-    one pass."""
+    autotuned on CUDA), with no bias, BatchNorm, ReLU or residual add. A step runs its kernels
+    one after another on one stream, so its convolutions cost it at least this summed time: the
+    step's FLOPs over it bound the fraction of peak the step can reach. Returns (FLOPs, seconds)
+    of one pass."""
     recorder = ConvCalls()
     with torch.no_grad(), recorder:
         cnn(images)
     autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, device.type == "cuda"
+    def bf16(shape):
+        return torch.randn(shape, device=device, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+
     flops = seconds = 0.0
     for (x_shape, w_shape, stride, padding, dilation, groups), count in Counter(recorder.calls).items():
-        def bf16(shape):
-            return torch.randn(shape, device=device, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-
         x, w = bf16(x_shape), bf16(w_shape).requires_grad_()
         x.requires_grad_(x_shape != recorder.calls[0][0])  # the stem's input is the image: no gradient
         inputs = (x, w) if x.requires_grad else (w,)
-        y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+
+        def conv():
+            return F.conv2d(x, w, None, stride, padding, dilation, groups)
+
+        y = conv()
         grad = torch.randn_like(y)
-        best = float("inf")
-        for _ in range(repeats + 1):  # the first call autotunes
-            sync(device)
-            t = time.perf_counter()
-            # autograd.grad returns the gradients: no pass adding them into .grad
-            torch.autograd.grad(F.conv2d(x, w, None, stride, padding, dilation, groups), inputs, grad)
-            sync(device)
-            best = min(best, time.perf_counter() - t)
+        # autograd.grad returns the gradients: no pass adding them into .grad
+        best = fastest(lambda: torch.autograd.grad(conv(), inputs, grad), device, repeats)
         passes = 1 + len(inputs)  # forward, weight gradient, input gradient
         flops += count * passes * 2 * y.numel() * w_shape[1] * w_shape[2] * w_shape[3]
         seconds += count * best
@@ -453,14 +458,15 @@ def row_groups(wanted):
     a group's rows are timed in alternation, so a load change on the machine hits both alike."""
     groups, by_flags = [], {}
     for row in ROWS:
-        if row[0] not in wanted:
+        if row.name not in wanted:
             continue
-        partner = by_flags.get(row[1:8]) if row[8] == "baseline" else None
+        flags = tuple(getattr(row, f) for f in FLAGS)
+        partner = by_flags.get(flags) if row.impl == "baseline" else None
         if partner is not None:
             partner.append(row)
         else:
             groups.append([row])
-            by_flags[row[1:8]] = groups[-1]
+            by_flags[flags] = groups[-1]
     return groups
 
 
@@ -651,12 +657,12 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads)
     out = cfg.out or os.path.join("runs", "bench", f"{cfg.device}_{cfg.model}{'_quick' if cfg.quick else ''}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    names = [r[0] for r in ROWS]
+    names = [r.name for r in ROWS]
     wanted = [n.strip() for n in cfg.rows.split(",")] if cfg.rows else DEFAULT_ROWS[device.type]
     unknown = set(wanted) - set(names)
     if unknown:
         raise SystemExit(f"--rows: unknown {sorted(unknown)}; the rows are: {'; '.join(names)}")
-    cuda_only = [r[0] for r in ROWS if r[0] in wanted and r[6]] if device.type != "cuda" else []
+    cuda_only = [r.name for r in ROWS if r.name in wanted and r.autotune] if device.type != "cuda" else []
     if cuda_only:
         raise SystemExit(f"--rows: {cuda_only} autotune cuDNN, which needs --device cuda")
     torch.manual_seed(cfg.seed)
@@ -729,10 +735,9 @@ def main(argv=None):
         for group in row_groups(wanted):
             runs = {}
             for row in group:
-                name, task, dtype, impl = row[0], row[1], row[2], row[8]
-                entries[name] = {"name": name, "task": task, "dtype": dtype, "channels_last": row[3],
-                                 "fused": row[4], "compile": row[5], "autotune": row[6],
-                                 "captions_per_image": row[7] or cfg.captions_per_image, "impl": impl}
+                name, task, impl = row.name, row.task, row.impl
+                entries[name] = {**row._asdict(),
+                                 "captions_per_image": row.captions_per_image or cfg.captions_per_image}
                 try:
                     if (task, impl) not in base_models:
                         c = c_pre if task == "pretrain" else c_vqa
@@ -756,12 +761,12 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             for row in group:
-                entry = entries[row[0]]
+                entry = entries[row.name]
                 progress(f"{entry['name']}: " + (entry.get("error") or entry.get("skipped") or
                                                  f"{entry['samples_per_s']:.2f} samples/s, {entry['tflops']:.3f} "
                                                  f"TFLOP/s ({entry['peak_fraction']:.1%} of peak), "
                                                  f"{entry['mem_mb_per_sample']:.0f} MB/sample"))
-            result["rows"] = [entries[row[0]] for row in ROWS if row[0] in entries]
+            result["rows"] = [entries[row.name] for row in ROWS if row.name in entries]
             save()
     torch.backends.cudnn.benchmark = autotune
     compare_rows(result["rows"])
@@ -819,8 +824,7 @@ def record_failure(entry, error, device):
 def compare_rows(rows):
     """Each baseline row against our row with the same flags: our step time / the baseline's."""
     def flags(r):
-        return tuple(r[k] for k in ("task", "dtype", "channels_last", "fused", "compile", "autotune",
-                                    "captions_per_image"))
+        return tuple(r[k] for k in FLAGS)
     ours = {flags(r): r for r in rows if r["impl"] == "ours" and "step_ms" in r}
     for r in rows:
         if r["impl"] == "baseline" and "step_ms" in r:

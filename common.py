@@ -535,5 +535,7 @@ class MetricLog:
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
+    """Written whole to a temporary file, then renamed: a reader never sees half a file."""
+    with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
