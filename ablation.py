@@ -6,16 +6,16 @@ pre-training variant, then the same VQA, retrieval and NLVR2 fine-tuning of it, 
     python ablation.py --seeds 0,1,2 --variants mlm_itm,mlm_itm_ps     # a third seed for two rows
 
 Variants, as the paper's rows:
-    none        no pre-training: every fine-tuning starts from random weights (the paper's row
-                starts from ImageNet + BERT weights; the demo has none). Retrieval keeps the CNN
-                frozen, so this row's retrieval ranks with a random CNN's features.
+    none        no pre-training: every fine-tuning starts from the CNN's classification
+                pre-training (pretrain_cnn.py, the demo's ImageNet) and a random Transformer (the
+                paper's row starts from ImageNet + BERT weights; the demo has no BERT).
     mlm         MLM only                      pretrain.py --tasks mlm
     itm         ITM only                      pretrain.py --tasks itm
     mlm_itm     MLM + ITM, every pixel token  pretrain.py --pixel-samples 0 (what `python pretrain.py`
                                               trains: its 100 samples exceed any demo image's tokens)
     mlm_itm_ps  MLM + ITM + pixel random sampling (paper 3.3), scaled to the demo: the paper keeps
-                100 of the ~260 pixel tokens of an 800x1333 image (38%); --pixel-samples 3 keeps 3
-                of a 128x192 demo image's 6 tokens (a 2x3 grid), or 3 of a square image's 4.
+                100 of the ~260 pixel tokens of an 800x1333 image (38%); --pixel-samples 9 keeps 9
+                of a 128x192 demo image's 24 tokens (a 4x6 grid), or 9 of a square image's 16.
 
 Each fine-tuning is the script's demo recipe started from that variant's checkpoint (`--init`),
 except retrieval, whose demo recipe (one epoch at lr 1e-5) only keeps an ITM head that pre-training
@@ -41,13 +41,14 @@ import finetune_nlvr
 import finetune_retrieval
 import finetune_vqa
 import pretrain
+import pretrain_cnn
 
 VARIANTS = {  # name: (the paper's row, pretrain.py flags (None: no pre-training), objectives trained)
     "none": ("no pre-training", None, set()),
     "mlm": ("MLM", ["--tasks=mlm"], {"mlm"}),
     "itm": ("ITM", ["--tasks=itm"], {"itm"}),
     "mlm_itm": ("MLM + ITM", ["--pixel-samples=0"], {"mlm", "itm"}),
-    "mlm_itm_ps": ("MLM + ITM + pixel sampling", ["--pixel-samples=3"], {"mlm", "itm"}),
+    "mlm_itm_ps": ("MLM + ITM + pixel sampling", ["--pixel-samples=9"], {"mlm", "itm"}),
 }
 FINETUNE = {  # task: (script, its main, flags beyond its demo recipe)
     "vqa": ("finetune_vqa.py", finetune_vqa.main, []),
@@ -56,11 +57,12 @@ FINETUNE = {  # task: (script, its main, flags beyond its demo recipe)
 }
 # --smoke: a few steps of everything on small images, to check the pipeline (the numbers mean nothing)
 SMOKE = {"pretrain": ["--max-steps=2", "--batch-size=16", "--global-batch=16", "--captions-per-image=2",
-                      "--eval-pairs=16"],
+                      "--eval-pairs=16", "--cnn-pretrain-epochs=1"],
          "finetune": ["--max-steps=2", "--epochs=1"],
          "vqa": ["--batch-size=10", "--global-batch=10", "--questions-per-image=2"],
          "retrieval": ["--batch-size=2", "--global-batch=2", "--eval-images=5", "--eval-pairs=32"],
          "nlvr2": ["--batch-size=4", "--global-batch=4"],
+         "cnn": ["--epochs=1", "--batch-size=16", "--image-size=64", "--num-workers=0", "--dtype=fp32"],
          "all": ["--image-min-size=64", "--image-max-size=96", "--num-workers=0", "--dtype=fp32"]}
 
 
@@ -70,15 +72,22 @@ def plan(variants, seeds, tasks, data_root, out_dir, smoke=False):
     data = [f"--data-root={data_root}"] + extra["all"]
     # without --init, the fine-tuning scripts build the architecture from their flags: the demo
     # pre-training's visual embedding, so that "no pre-training" differs from the others in weights only
-    scratch = ["--init="] + (["--visual-position"] if pretrain.PRESETS["demo"]["visual_position"] else [])
+    demo = pretrain.PRESETS["demo"]
+    scratch = ["--init=", f"--pixel-pool={demo['pixel_pool']}"] + ["--visual-position"] * demo["visual_position"]
     steps = []
     for variant in variants:
         folder, flags = os.path.join(out_dir, variant), VARIANTS[variant][1]
         init = os.path.join(folder, "pretrain", "final.pt") if flags is not None else ""
-        if init:  # the demo pre-training recipe (44 epochs, ~7.5 min on 2 CPU cores) with the variant's flags
+        if init:  # the demo pre-training recipe (CNN stage + 32 epochs, ~9 min on 2 CPU cores), the variant's flags
             steps.append((f"{variant}/pretrain", "pretrain.py", pretrain.main,
                           flags + [f"--out-dir={os.path.dirname(init)}"] + data + extra["pretrain"]))
-        start = [f"--init={init}"] if init else scratch
+            start = [f"--init={init}"]
+        else:  # the demo pre-training's first stage alone: the CNN's classification pre-training
+            cnn = os.path.join(folder, "cnn", "resnet.pth")
+            steps.append((f"{variant}/cnn", "pretrain_cnn.py", pretrain_cnn.main,
+                          [f"--data-root={data_root}", f"--out={cnn}",
+                           f"--epochs={demo['cnn_pretrain_epochs']}"] + extra["cnn"]))
+            start = scratch + [f"--cnn={cnn}"]
         for seed in seeds:
             for task in tasks:
                 script, main_fn, more = FINETUNE[task]

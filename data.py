@@ -48,6 +48,9 @@ DOWNLOADS = {
                           "https://github.com/lil-lab/nlvr/tree/master/nlvr2), unzipped to its 100 numbered folders",
     "nlvr2/images/dev": "the NLVR2 dev images (dev_img.zip; see https://github.com/lil-lab/nlvr/tree/master/nlvr2)",
     "nlvr2/images/test1": "the NLVR2 test1 images (test1_img.zip; see https://github.com/lil-lab/nlvr/tree/master/nlvr2)",
+    "imagenet/train": "a folder per class of training images (ImageNet's layout, e.g. ILSVRC2012_img_train.tar from "
+                      "https://image-net.org); for the paper's runs pass torchvision's weights with --cnn instead",
+    "imagenet/val": "a folder per class of held-out images, the same classes as imagenet/train",
 }
 
 # Kept apart from DOWNLOADS, whose .json files stamp the pre-training caption cache.
@@ -168,11 +171,11 @@ def header_size(path, skip_bad):
         return (0, 0)
 
 
-def try_image_tensor(path, min_size, max_size, skip_bad):
+def try_image_tensor(path, min_size, max_size, skip_bad, square=False):
     """image_tensor, or with skip_bad (--skip-bad-images) the error message in place of a
     missing or undecodable image; collate drops such examples and reports them."""
     try:
-        return image_tensor(path, min_size, max_size)
+        return image_tensor(path, min_size, max_size, square)
     except DataError as e:
         if not skip_bad:
             raise
@@ -188,9 +191,22 @@ def resize_image(img, min_size, max_size):
     return img if size == img.size else img.resize(size, Image.BILINEAR)
 
 
-def image_tensor(path, min_size, max_size):
-    """(3, H, W) uint8. Images stay 8-bit until they reach the device (4x less to copy)."""
-    img = resize_image(load_image(path), min_size, max_size)
+def centre_square(img, size):
+    """ImageNet's evaluation transform, exactly as torchvision's Resize(size) + CenterCrop(size) do
+    it to a PIL image: the shorter side to `size` (the longer one truncated), then the centre square."""
+    w, h = img.size
+    resized = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if resized != img.size:
+        img = img.resize(resized, Image.BILINEAR)
+    left, top = (int(round((side - size) / 2.0)) for side in resized)
+    return img.crop((left, top, left + size, top + size))
+
+
+def image_tensor(path, min_size, max_size, square=False):
+    """(3, H, W) uint8, resized by resize_image, or with square=True by centre_square to a
+    min_size square (classification). Images stay 8-bit until they reach the device (4x less to copy)."""
+    img = load_image(path)
+    img = centre_square(img, min_size) if square else resize_image(img, min_size, max_size)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
@@ -208,6 +224,17 @@ def pad_sequences(seqs, value):
     return out
 
 
+def drop_bad_images(items):
+    """Examples whose image could not be read (--skip-bad-images: the error message stands in for
+    the image) are left out; the messages go in batch["bad_images"] for the loop to report."""
+    bad = [it["image"] for it in items if isinstance(it.get("image"), str)]
+    if bad:
+        items = [it for it in items if not isinstance(it.get("image"), str)]
+        if not items:
+            raise DataError(f"every image of a batch is unreadable, e.g. {bad[0]}; check the data")
+    return items, {"bad_images": bad} if bad else {}
+
+
 def collate(items):
     """List of examples -> batch. Images are padded bottom/right to the batch's largest height
     and width, rounded up to a multiple of 64, with image_mask (B, H, W) True on real pixels;
@@ -216,12 +243,7 @@ def collate(items):
     texts for its one image) contributes one row per text, and image_index says whose image.
     Examples whose image could not be read (--skip-bad-images) are left out; their messages
     travel in batch["bad_images"] so the training loop can report each once."""
-    bad = [it["image"] for it in items if isinstance(it.get("image"), str)]
-    if bad:
-        items = [it for it in items if not isinstance(it.get("image"), str)]
-        if not items:
-            raise DataError(f"every image of a batch is unreadable, e.g. {bad[0]}; check the data")
-    batch = {"bad_images": bad} if bad else {}
+    items, batch = drop_bad_images(items)
     if "image" in items[0]:
         sizes = [it["image"].shape[1:] for it in items]
         H = -(-max(h for h, _ in sizes) // PAD_MULTIPLE) * PAD_MULTIPLE
@@ -537,6 +559,52 @@ class PretrainPairs(torch.utils.data.Dataset):
             mlm_labels[:] = IGNORE
         return {"input_ids": ids, "mlm_ids": mlm_ids.tolist(), "mlm_labels": mlm_labels.tolist(),
                 "itm_labels": int(matched)}
+
+
+# -----------------------------------------------------------------------------
+# Image classification, the CNN's own pre-training (pretrain_cnn.py): ImageNet's folder layout
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
+
+
+def class_folder_entries(root, split):
+    """Paths, labels and class names of <root>/imagenet/<split>/<class>/.../<image>, numbered as
+    torchvision's ImageFolder does: classes sorted by folder name from 0, files in sorted walk order."""
+    folder = require(root, f"imagenet/{split}")
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        raise DataError(f"{folder}: no class folders; it needs one folder of images per class")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        found = [os.path.join(d, f) for d, _, files in sorted(os.walk(os.path.join(folder, name), followlinks=True))
+                 for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)]
+        if not found:
+            raise DataError(f"{os.path.join(folder, name)}: no images ({', '.join(IMAGE_SUFFIXES)}) in this class folder")
+        paths += found
+        labels += [label] * len(found)
+    return paths, labels, classes
+
+
+class ClassImages(torch.utils.data.Dataset):
+    """Item i: {"image": (3, size, size) uint8 (centre_square), "label": int}; with skip_bad_images
+    an unreadable image is its error message instead, which collate_classes drops and reports."""
+
+    def __init__(self, paths, labels, size, skip_bad_images=False):
+        self.paths, self.labels, self.size, self.skip_bad_images = paths, labels, size, skip_bad_images
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        image = try_image_tensor(self.paths[i], self.size, self.size, self.skip_bad_images, square=True)
+        return {"image": image, "label": self.labels[i]}
+
+
+def collate_classes(items):
+    """ClassImages examples -> {"images": (B, 3, size, size) uint8, "labels": (B,)}."""
+    items, batch = drop_bad_images(items)
+    return {**batch, "images": torch.stack([it["image"] for it in items]),
+            "labels": torch.tensor([it["label"] for it in items])}
 
 
 # -----------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 The built-in demo corpus: pictures of coloured circles, squares and triangles with captions, region
 phrases, questions and statements, written in the official file formats and folder layout of COCO,
 Visual Genome, VQA v2, Flickr30K and NLVR2 (PAPER.md section 5), so that the demo runs through
-exactly the loaders in data.py that read the real datasets.
+exactly the loaders in data.py that read the real datasets; and, in ImageNet's folder layout,
+pictures of single objects on which the demo's CNN first learns to see (pretrain_cnn.py).
 
 Every sentence is true of its image and needs the image to check: colours, shapes, counts, and
 left/right/above/below, stated only where it holds by a clear margin. All randomness comes from
@@ -22,6 +23,8 @@ Files under the output folder (counts at scale 1.0):
     flickr30k/dataset_flickr30k.json, flickr30k/images/{id}.jpg      600 train / 100 val / 100 test
     nlvr2/data/{train,dev,test1}.json (JSON Lines), nlvr2/images/{train/{directory},dev,test1}/*.png
         about 1500 / 300 / 300 records
+    imagenet/{train,val}/{colour}_{shape}/*.JPEG       ImageNet's folder layout, one object per picture
+        18 classes, 200 train / 20 val pictures each: the CNN's classification pre-training (pretrain_cnn.py)
     vocab.txt          BERT WordPiece vocabulary covering all the text above
     scenes.json        image path -> scene (size, objects): a debugging aid, not an official format
     DEMO_CORPUS.json   marker: format version, seed, scale
@@ -40,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 2  # 2: captions that each pin down more than one fact
+FORMAT_VERSION = 3  # 2: captions that each pin down more than one fact; 3: imagenet/
 MARKER = "DEMO_CORPUS.json"
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {  # far apart in RGB, so a jittered, JPEG-compressed red never passes for orange
@@ -74,16 +77,32 @@ def sample_scene(rng):
             shape, colour = twin["shape"], twin["colour"]
         else:
             shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
-        rgb = [min(255, max(0, c + int(d))) for c, d in zip(COLOURS[colour], rng.integers(-12, 13, size=3))]
-        objects.append({"shape": shape, "colour": colour, "centre": [cx, cy], "size": size, "rgb": rgb})
+        objects.append(make_object(rng, shape, colour, cx, cy, size))
         if len(objects) == wanted:
             break
     if len(objects) < 2:
         return sample_scene(rng)
-    # a light grey 3x4 field of random tints, smoothly upsampled: no one background value to key on
+    return {"width": width, "height": height, "background": background(rng), "objects": objects}
+
+
+def make_object(rng, shape, colour, cx, cy, size):
+    rgb = [min(255, max(0, c + int(d))) for c, d in zip(COLOURS[colour], rng.integers(-12, 13, size=3))]
+    return {"shape": shape, "colour": colour, "centre": [cx, cy], "size": size, "rgb": rgb}
+
+
+def background(rng):
+    """A light grey 3x4 field of random tints, smoothly upsampled: no one background value to key on."""
     tint = rng.integers(190, 236) + rng.integers(-6, 7, size=3) + rng.normal(0, 4, size=(3, 4, 3))
-    background = np.clip(tint, 0, 255).round().astype(int).tolist()
-    return {"width": width, "height": height, "background": background, "objects": objects}
+    return np.clip(tint, 0, 255).round().astype(int).tolist()
+
+
+def object_picture(rng, shape, colour, side=112):
+    """One object on its own, as an ImageNet picture shows one thing: the scene of a classification image.
+    Its sizes match an object of a scene after the demo's resize (scenes' short side 160-192 -> 128)."""
+    size = int(rng.integers(10, 31))
+    cx, cy = (int(rng.integers(size + 2, side - size - 1)) for _ in range(2))
+    return {"width": side, "height": side, "background": background(rng),
+            "objects": [make_object(rng, shape, colour, cx, cy, size)]}
 
 
 def render(scene):
@@ -478,6 +497,20 @@ def write_nlvr2(out, rng, n, scenes, texts):
         (out / f"nlvr2/data/{split}.json").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def write_imagenet(out, rng, n):
+    """The demo's stand-in for ImageNet, in ImageNet's folder layout (one folder per class, as
+    torchvision's ImageFolder reads it): pictures of one object, 18 classes = colour x shape.
+    pretrain_cnn.py trains the CNN on it first, as the paper's CNN comes ImageNet-trained."""
+    classes = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+    for split, per_class in (("train", n(200)), ("val", n(20))):
+        for colour, shape in classes:
+            for k in range(per_class):
+                picture = render(object_picture(rng, shape, colour))
+                path = out / f"imagenet/{split}/{colour}_{shape}/{split}_{colour}_{shape}_{k:05d}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                picture.save(path, format="JPEG", quality=90)
+
+
 def write_vocab(path, texts):
     """A BERT WordPiece vocab.txt in which every corpus word is one token.
     The tokenizers library's WordPiece trainer breaks ties in hash-map order, which changes from run
@@ -527,6 +560,7 @@ def write_demo_corpus(root, seed=0, scale=1.0):
         write_visual_genome(tmp, part(3), n, coco, scenes, texts)
         write_flickr30k(tmp, part(4), n, scenes, texts)
         write_nlvr2(tmp, part(5), n, scenes, texts)
+        write_imagenet(tmp, part(6), n)
         write_vocab(tmp / "vocab.txt", texts)
         write_json(tmp / "scenes.json", scenes)
         write_json(tmp / MARKER, marker(seed, scale))

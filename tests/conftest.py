@@ -19,14 +19,18 @@ def minilm_dir():
 
 
 @pytest.fixture(scope="session")
-def demo_pretraining(tmp_path_factory):
-    """The demo's own pre-training recipe on the full demo corpus, cut to 800 steps (~2.5 minutes
-    on 2 cores): a grounded encoder, shared by the tests that need one. Returns (corpus root,
-    run folder, held-out metrics)."""
-    import pretrain
+def demo_corpus(tmp_path_factory):
+    """The full demo corpus (scale 1, ~15 s to write), shared by the tests that learn on it."""
     import synthetic
-    base = tmp_path_factory.mktemp("demo_pretraining")
-    root = str(synthetic.ensure_demo_corpus(base / "demo"))
-    out = str(base / "run")
+    return str(synthetic.ensure_demo_corpus(tmp_path_factory.mktemp("demo_corpus") / "demo"))
+
+
+@pytest.fixture(scope="session")
+def demo_pretraining(demo_corpus, tmp_path_factory):
+    """The demo's own pre-training recipe on the full demo corpus, cut to 800 steps (~3 minutes
+    on 2 cores, the CNN's classification stage included): a grounded encoder, shared by the tests
+    that need one. Returns (corpus root, run folder, held-out metrics)."""
+    import pretrain
+    root, out = demo_corpus, str(tmp_path_factory.mktemp("demo_pretraining") / "run")
     metrics = pretrain.main(["--data-root", root, "--max-steps", "800", "--out-dir", out, "--eval-pairs", "1000"])
     return root, out, metrics

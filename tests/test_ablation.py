@@ -18,13 +18,17 @@ def test_every_variant_runs_and_an_interrupted_ablation_continues(tmp_path, caps
     out = str(tmp_path / "ablation")
     args = [f"--data-root={corpus}", f"--out-dir={out}", "--smoke", "--seeds=0,1"]
     results = ablation.main(args + ["--variants=none,mlm"])
-    assert set(results) == {"mlm/pretrain"} | {f"{v}/{t}/{s}" for v in ("none", "mlm") for s in (0, 1)
-                                               for t in ("vqa", "retrieval", "nlvr2", "nlvr2_test1")}
+    assert set(results) == {"mlm/pretrain", "none/cnn"} | {f"{v}/{t}/{s}" for v in ("none", "mlm") for s in (0, 1)
+                                                           for t in ("vqa", "retrieval", "nlvr2", "nlvr2_test1")}
     assert results["mlm/pretrain"]["command"].startswith("python pretrain.py --tasks=mlm --out-dir=")
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f) == json.loads(json.dumps(results))
-    # no pre-training starts from nothing, with the pre-trained models' architecture
+    # no pre-training starts from the CNN's classification stage alone (the paper: ImageNet + BERT),
+    # with the pre-trained models' architecture
     assert not os.path.exists(os.path.join(out, "none", "pretrain"))
+    cnn = os.path.join(out, "none", "cnn", "resnet.pth")
+    assert results["none/cnn"]["command"].startswith("python pretrain_cnn.py") and os.path.exists(cnn)
+    assert f"--cnn={cnn}" in results["none/vqa/0"]["command"]
     scratch = common.load_checkpoint(os.path.join(out, "none", "vqa_s0", "best.pt"))["model_config"]
     pretrained = common.load_checkpoint(os.path.join(out, "mlm", "pretrain", "final.pt"))["model_config"]
     differ = {k for k in scratch if scratch[k] != pretrained[k]}
@@ -34,7 +38,7 @@ def test_every_variant_runs_and_an_interrupted_ablation_continues(tmp_path, caps
     everything = ablation.main(args)  # the stored steps are not run again
     printed = capsys.readouterr().out
     assert "[ablation] mlm/vqa/1: done before" in printed and "python pretrain.py --tasks=mlm" not in printed
-    assert "python pretrain.py --tasks=itm" in printed and "python pretrain.py --pixel-samples=3" in printed
+    assert "python pretrain.py --tasks=itm" in printed and "python pretrain.py --pixel-samples=9" in printed
     table = open(os.path.join(out, "table.md")).read().splitlines()
     assert len(table) == 2 + len(ablation.VARIANTS)
     rows = {r.split(" | ")[0].strip("| "): r.strip("|").split(" | ")[1:] for r in table[2:]}

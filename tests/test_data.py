@@ -293,6 +293,53 @@ def test_bad_images_are_clear_errors(tmp_path):
         data.load_image(str(tmp_path / "missing.jpg"))
 
 
+# ---- classification images (pretrain_cnn.py): ImageNet's folder layout
+
+def test_class_folders_numbered_as_torchvision_imagefolder(tmp_path):
+    from torchvision.datasets import ImageFolder
+    for rel in ("train/zebra/b.JPEG", "train/zebra/a.png", "train/zebra/deeper/c.jpg", "train/ant/x.webp",
+                "train/mole/y.jpeg"):
+        write_image(str(tmp_path / "imagenet" / rel))
+    (tmp_path / "imagenet/train/ant/notes.txt").write_text("not an image")
+    paths, labels, classes = data.class_folder_entries(str(tmp_path), "train")
+    reference = ImageFolder(str(tmp_path / "imagenet/train"))
+    assert classes == reference.classes == ["ant", "mole", "zebra"]
+    assert list(zip(paths, labels)) == reference.samples
+
+
+def test_class_folder_errors_name_the_folder(tmp_path):
+    with pytest.raises(data.DataError, match="imagenet/train is missing. Get a folder per class"):
+        data.class_folder_entries(str(tmp_path), "train")
+    os.makedirs(tmp_path / "imagenet/val")
+    with pytest.raises(data.DataError, match="imagenet/val: no class folders"):
+        data.class_folder_entries(str(tmp_path), "val")
+    write_image(str(tmp_path / "imagenet/val/cat/1.jpg"))
+    (tmp_path / "imagenet/val/dog").mkdir()
+    with pytest.raises(data.DataError, match="imagenet/val/dog: no images"):
+        data.class_folder_entries(str(tmp_path), "val")
+
+
+@pytest.mark.parametrize("size", [(150, 100), (133, 100), (100, 133), (112, 112), (101, 300), (120, 113)])
+def test_centre_square_is_torchvision_resize_and_centre_crop(size):
+    from torchvision import transforms
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ours = np.asarray(data.centre_square(img, 112))
+    reference = np.asarray(transforms.Compose([transforms.Resize(112), transforms.CenterCrop(112)])(img))
+    assert ours.shape == (112, 112, 3) and np.array_equal(ours, reference)
+
+
+def test_class_images_skip_unreadable_ones(tmp_path):
+    write_image(str(tmp_path / "ok.png"), size=(80, 60))
+    (tmp_path / "bad.png").write_text("not an image")
+    paths = [str(tmp_path / "ok.png"), str(tmp_path / "bad.png")]
+    with pytest.raises(data.DataError, match="bad.png: cannot decode"):
+        data.ClassImages(paths, [3, 5], 48)[1]
+    items = data.ClassImages(paths, [3, 5], 48, skip_bad_images=True)
+    batch = data.collate_classes([items[0], items[1]])
+    assert batch["images"].shape == (1, 3, 48, 48) and batch["images"].dtype == torch.uint8
+    assert batch["labels"].tolist() == [3] and "bad.png" in batch["bad_images"][0]
+
+
 def test_normalize_images():
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     out = data.normalize_images(x)

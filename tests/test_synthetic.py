@@ -300,6 +300,27 @@ def check_statement(sentence, label, left, right):
         assert (max(offsets, default=0) > synthetic.MARGIN) if expected else max(offsets, default=0) <= 0, sentence
 
 
+def test_imagenet_pictures_show_their_class(corpus):
+    """ImageNet's folder layout, a class per colour x shape, and each picture is one object of its
+    class: its pixels have the class colour and fill their bounding box as the shape does
+    (square 1, circle pi/4, triangle 1/2)."""
+    import numpy as np
+    classes = sorted(f"{c}_{s}" for c in synthetic.COLOURS for s in synthetic.SHAPES)
+    for split, count in (("train", max(2, round(200 * SCALE))), ("val", 2)):
+        folder = corpus / "imagenet" / split
+        assert sorted(p.name for p in folder.iterdir()) == classes
+        for name in classes:
+            files = sorted((folder / name).iterdir())
+            assert len(files) == count and all(f.suffix == ".JPEG" for f in files)
+            colour, shape = name.split("_")
+            for f in files:
+                pixels = np.asarray(Image.open(f).convert("RGB")).astype(int)
+                near = np.abs(pixels - synthetic.COLOURS[colour]).sum(-1) < 60
+                ys, xs = np.nonzero(near)
+                fill = near.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+                assert {"square": 0.9 < fill, "circle": 0.65 < fill < 0.9, "triangle": fill < 0.65}[shape], (f, fill)
+
+
 def test_vocab_covers_all_text(corpus):
     from tokenizers import BertWordPieceTokenizer
 

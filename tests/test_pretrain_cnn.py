@@ -1,0 +1,67 @@
+"""pretrain_cnn.py: the CNN's classification pre-training writes torchvision-format weights that
+--cnn loads, learns the demo's object classes, refuses mismatched class folders, and pretrain.py's
+demo runs it first."""
+
+import os
+
+import pytest
+import torch
+
+import common
+import pretrain_cnn
+import synthetic
+from model import PixelBert, PixelBertConfig
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("cnn") / "demo", seed=0, scale=0.05))
+
+
+def quick(root, out, **overrides):
+    args = dict(data_root=root, out=out, epochs=1, batch_size=16, image_size=64, dtype="fp32", num_workers=0)
+    return [f"--{k.replace('_', '-')}={v}" for k, v in {**args, **overrides}.items()]
+
+
+def test_writes_weights_that_cnn_loads(corpus, tmp_path):
+    from torchvision.models import resnet18
+    out = str(tmp_path / "cnn" / "resnet.pth")
+    result = pretrain_cnn.main(quick(corpus, out))
+    assert result["path"] == out and 0 <= result["accuracy"] <= 1 and result["chance"] == 1 / 18
+    state = torch.load(out, weights_only=True)
+    assert set(state) == set(resnet18().state_dict()), "torchvision's names, classifier included"
+    assert state["fc.weight"].shape == (18, 128)  # tiny: width 16 -> 128 channels at stride 32
+    model = PixelBert(PixelBertConfig.tiny(vocab_size=30))
+    report = model.load_cnn(out)
+    assert report.new == [] and sorted(report.unused) == ["fc.bias", "fc.weight"]
+    assert torch.equal(model.cnn.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+
+
+def test_val_classes_must_match_train(corpus, tmp_path):
+    import shutil
+    root = tmp_path / "demo"
+    shutil.copytree(os.path.join(corpus, "imagenet"), root / "imagenet")
+    shutil.rmtree(root / "imagenet/val/red_circle")
+    with pytest.raises(SystemExit, match="both need the same class folders"):
+        pretrain_cnn.main(quick(str(root), str(tmp_path / "x.pth")))
+
+
+def test_demo_pretraining_starts_from_it_unless_given_a_cnn(corpus, tmp_path):
+    """The demo preset trains the CNN first and loads it; --cnn replaces that stage."""
+    import pretrain
+    small = ["--max-steps=1", "--batch-size=16", "--global-batch=16", "--captions-per-image=2", "--eval-pairs=8",
+             "--image-min-size=64", "--image-max-size=96", "--num-workers=0", "--dtype=fp32"]
+    out = tmp_path / "demo_run"
+    pretrain.main([f"--data-root={corpus}", f"--out-dir={out}", *small])
+    trained = common.load_checkpoint(str(out / "final.pt"))
+    assert trained["config"]["cnn"] == str(out / "cnn_pretrain.pth") and (out / "cnn_pretrain.pth").exists()
+    given = tmp_path / "given"
+    pretrain.main([f"--data-root={corpus}", f"--out-dir={given}", f"--cnn={out / 'cnn_pretrain.pth'}", *small])
+    assert not (given / "cnn_pretrain.pth").exists()
+
+
+@pytest.mark.slow
+def test_learns_the_demo_classes(demo_corpus, tmp_path):
+    """On the full demo corpus, a few epochs name the held-out pictures' colour and shape."""
+    result = pretrain_cnn.main([f"--data-root={demo_corpus}", f"--out={tmp_path / 'cnn.pth'}", "--epochs=3"])
+    assert result["accuracy"] > 0.9, result
