@@ -2,7 +2,7 @@
 The paper's pre-training ablation (its Table 6) in miniature, on the built-in demo corpus: each
 pre-training variant, then the same VQA, retrieval and NLVR2 fine-tuning of it, in one table.
 
-    python ablation.py --seeds 0,1       # every variant, two fine-tuning seeds: ~1 h 45 min on 2 CPU cores
+    python ablation.py --seeds 0,1       # every variant, two fine-tuning seeds: ~2 h on 2 CPU cores
     python ablation.py --seeds 0,1,2 --variants mlm_itm,mlm_itm_ps     # a third seed for two rows
 
 Variants, as the paper's rows:

@@ -2,7 +2,7 @@
 The CNN's own pre-training, image classification: the demo's stand-in for the ImageNet weights that
 Pixel-BERT's CNN starts from (paper 4.1: ResNet-50 and ResNeXt-152 pre-trained on ImageNet).
 
-    python pretrain_cnn.py      # demo: the tiny ResNet learns data/demo/imagenet's 18 classes, ~40 s on 2 CPU cores
+    python pretrain_cnn.py      # demo: the tiny ResNet learns data/demo/imagenet's 18 classes, ~30 s on 2 CPU cores
 
 Why the demo needs it. The paper's CNN arrives knowing edges, corners and shapes, and MLM and ITM
 only have to tie them to words. Taught by captions alone, the demo's CNN learned colour and never
@@ -36,7 +36,7 @@ class Config:
     data_root: str = "data/demo"  # holds imagenet/train/<class>/ and imagenet/val/<class>/
     model: str = "tiny"  # the Pixel-BERT preset whose CNN is trained: tiny | r50 | x152
     out: str = "runs/demo_cnn/resnet.pth"
-    epochs: float = 7
+    epochs: float = 5
     batch_size: int = 64
     lr: float = 1e-3  # AdamW, decayed linearly to 0 over the run
     weight_decay: float = 5e-4
