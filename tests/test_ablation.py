@@ -48,7 +48,7 @@ def test_every_variant_runs_and_an_interrupted_ablation_continues(tmp_path, caps
     assert rows["MLM"][2] == f"{sum(vqa) / 2:.1f} ± {abs(vqa[0] - vqa[1]) / 2 ** 0.5:.1f}"
 
     # the same folder with other settings: refused before anything runs
-    with pytest.raises(SystemExit, match="none/vqa/0 was run as"):
+    with pytest.raises(SystemExit, match="none/cnn was run as"):
         ablation.main([f"--data-root={corpus}", f"--out-dir={out}", "--seeds=0"])
 
 
