@@ -8,8 +8,8 @@ Why the demo needs it. The paper's CNN arrives knowing edges, corners and shapes
 only have to tie them to words. Taught by captions alone, the demo's CNN learned colour and never
 shape: after the full demo pre-training, masked shape words were predicted at chance (33% of 805
 held-out ones) and ITM accepted "a red square" wherever anything was red (ITM accuracy 82%).
-Started from this classifier, the same pre-training predicts shape words at 94% (README: The
-demo). `python pretrain.py` runs it first (--cnn-pretrain-epochs); on real data, pass torchvision's
+Started from this classifier, the demo pre-training predicts them at 95% and reaches ITM 93%
+(README: What the demo shows). `python pretrain.py` runs it first (--cnn-pretrain-epochs); on real data, pass torchvision's
 ImageNet weights with --cnn instead (README: Weights).
 
 Reads <data-root>/imagenet/{train,val}/<class>/<image> (ImageNet's folder layout, numbered as
