@@ -42,12 +42,17 @@ class Dist:
         return self.rank == 0
 
 
+def default_device(device=""):
+    """torch.device(device), or CUDA when there is a GPU, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def setup_distributed(device=""):
     """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); one process per GPU with
     NCCL, or processes on the CPU with gloo. Without torchrun: one process."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -550,8 +550,6 @@ HEAD_SOURCES = {"itm": "a pre-training checkpoint (pretrain.py's final.pt)",
 def load_for_inference(checkpoint, head=None, device=""):
     """A checkpoint's model in eval mode on `device`, with its own tokenizer (the vocabulary
     saved in it). `head` ("itm" or "vqa"), if given, must be one of the model's heads."""
-    import torch
-
     import common
 
     state = common.load_checkpoint(checkpoint)
@@ -559,7 +557,7 @@ def load_for_inference(checkpoint, head=None, device=""):
     if head is not None and head not in heads:
         raise EvaluationError(f"{checkpoint}: this model's heads are {list(heads)}, not {head!r}; "
                               f"use {HEAD_SOURCES[head]}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = common.default_device(device)
     return (*checkpoint_model(state, device), state, device)
 
 

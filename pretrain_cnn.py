@@ -17,7 +17,6 @@ torchvision's ImageFolder numbers it) and writes a torchvision-format state dict
 tensors under torchvision's names plus the classifier `fc`, which --cnn loads like torchvision's own.
 """
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ class Config:
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv=argv)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = common.default_device(cfg.device)
     torch.manual_seed(cfg.seed)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
 
@@ -95,15 +94,13 @@ def main(argv=None):
         for batch in train_loader:
             bad_images.note(batch)
             batch = common.batch_to_device(batch, device, cfg.channels_last)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * (1 - step / total_steps)
+            common.set_lr([optimizer], 1 - step / total_steps)
             loss = F.cross_entropy(logits(batch), batch["labels"])
-            if not math.isfinite(loss.item()):
-                raise SystemExit(f"CNN pre-training: loss {loss.item()} at step {step}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            try:
+                common.optimizer_step([optimizer], scaler, params, grad_clip=0)
+            except FloatingPointError as e:
+                raise SystemExit(f"CNN pre-training, step {step + 1}: {e}; lower --lr") from None
             step += 1
             bar.update()
             if step % cfg.log_every == 0 or step == total_steps:

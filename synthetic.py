@@ -120,11 +120,12 @@ def render(scene):
     return image
 
 
-def save_image(out, relpath, scene, scenes):
+def save_image(out, relpath, scene, scenes=None):
     """Render scene to out/relpath (format from the suffix) and record it for scenes.json."""
     (out / relpath).parent.mkdir(parents=True, exist_ok=True)
     render(scene).save(out / relpath, quality=90)  # quality applies to JPEG; PNG is lossless
-    scenes[relpath] = scene
+    if scenes is not None:
+        scenes[relpath] = scene
 
 
 # -----------------------------------------------------------------------------
@@ -505,10 +506,8 @@ def write_imagenet(out, rng, n):
     for split, per_class in (("train", n(200)), ("val", n(20))):
         for colour, shape in classes:
             for k in range(per_class):
-                picture = render(object_picture(rng, shape, colour))
-                path = out / f"imagenet/{split}/{colour}_{shape}/{split}_{colour}_{shape}_{k:05d}.JPEG"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                picture.save(path, format="JPEG", quality=90)
+                save_image(out, f"imagenet/{split}/{colour}_{shape}/{split}_{colour}_{shape}_{k:05d}.JPEG",
+                           object_picture(rng, shape, colour))
 
 
 def write_vocab(path, texts):
