@@ -686,7 +686,9 @@ def main(argv=None):
                                       "(activations and gradients)" if device.type == "cuda" else
                                       "CPU: bytes autograd saves for the backward pass (activations)",
                        "precision_note": "fp32 on CUDA: convolutions in TF32 (cuDNN's default), matrix products in "
-                                         "full fp32 (PyTorch's default)" if device.type == "cuda" else ""},
+                                         "full fp32 (PyTorch's default)" if device.type == "cuda" else
+                                         "" if common.native_bf16(device) else "this CPU has no native bf16 (AMX "
+                                         "or AVX512-BF16): the bf16 rows are emulated, far slower than fp32"},
               "rows": []}
 
     def save():

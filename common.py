@@ -72,9 +72,39 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def native_bf16(device):
+    """Whether the device multiplies bf16 matrices in hardware: CUDA GPUs from Ampere on, CPUs
+    with AMX or AVX512-BF16. Other CPUs emulate it: on a 2-core AMD EPYC (AVX2) a 1024x1024
+    matrix product ran at 1.3 GFLOP/s in bf16 against 115 in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # torch.cpu's feature probes are private; absent in a release, assume no
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
+                                                                            "_is_avx512_bf16_supported"))
+    return True
+
+
+def resolve_dtype(dtype, device):
+    """--dtype auto (the default) -> bf16 where the device has it natively, else fp16 on a GPU
+    (with GradScaler) and fp32 on a CPU. An explicit bf16 is kept, with a warning if emulated."""
+    if dtype not in DTYPES:
+        raise SystemExit(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
+    if dtype == "bf16" and not native_bf16(device):
+        print0(f"warning: this {device.type} has no native bf16 (AMX, AVX512-BF16 or an Ampere GPU): bf16 matrix "
+               f"products are emulated, ~100x slower than fp32 on the CPU; --dtype auto picks fp32 here")
+    return dtype
+
+
 def autocast(device, dtype):
-    """bf16 / fp16 autocast, or nothing for fp32. Matrix products then run in half precision
-    (bf16 on the CPU's AMX units is ~9x fp32); reductions and the losses stay in fp32."""
+    """bf16 / fp16 autocast, or nothing for fp32 ("auto": see resolve_dtype). Matrix products then
+    run in half precision (bf16 on the CPU's AMX units is ~9x fp32); reductions and the losses stay
+    in fp32."""
+    dtype = resolve_dtype(dtype, device) if dtype == "auto" else dtype
     if dtype == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])

@@ -407,7 +407,7 @@ def checkpoint_model(state, device, extra_heads=()):
 
 
 def evaluate_vqa_checkpoint(checkpoint, data_root, split, out=None, batch_size=32, num_workers=2, device="",
-                            dtype="bf16", minival_images=None, ans2label=None):
+                            dtype="auto", minival_images=None, ans2label=None):
     """Predict every question of `split` with the checkpoint's own answer vocabulary. Splits
     with answers (val, minival, train...) return the official accuracy; test-dev and test write
     the submission file (every test2015 question) to `out` and return its path. minival is
@@ -431,6 +431,7 @@ def evaluate_vqa_checkpoint(checkpoint, data_root, split, out=None, batch_size=3
             raise EvaluationError(f"{ans2label} does not match the answer vocabulary saved in {checkpoint}; "
                                   f"use the ans2label.json of the run that wrote this checkpoint")
     ddp = common.setup_distributed(device)
+    dtype = common.resolve_dtype(dtype, ddp.device)
     model, tokenizer = checkpoint_model(state, ddp.device)
     model.to(memory_format=torch.channels_last)
     minival_images = minival_images or state["config"]["minival_images"]
@@ -456,7 +457,7 @@ def evaluate_vqa_checkpoint(checkpoint, data_root, split, out=None, batch_size=3
 
 
 def evaluate_nlvr2_checkpoint(checkpoint, data_root, split, out=None, batch_size=16, num_workers=2, device="",
-                              dtype="bf16"):
+                              dtype="auto"):
     """Predict every example of `split` (dev or test1, whose labels are public), write the
     predictions in the official CSV format to `out` (default: beside the checkpoint) and return
     the official accuracy and consistency with the file's path."""
@@ -471,6 +472,7 @@ def evaluate_nlvr2_checkpoint(checkpoint, data_root, split, out=None, batch_size
         raise EvaluationError(f"{checkpoint}: not an NLVR2 checkpoint (task {state.get('task')!r}); "
                               f"use best.pt or a ckpt_*.pt from a finetune_nlvr.py run")
     ddp = common.setup_distributed(device)
+    dtype = common.resolve_dtype(dtype, ddp.device)
     model, tokenizer = checkpoint_model(state, ddp.device)
     model.to(memory_format=torch.channels_last)
     records = data.read_nlvr2(data_root, split)
@@ -489,7 +491,7 @@ def evaluate_nlvr2_checkpoint(checkpoint, data_root, split, out=None, batch_size
 
 
 def evaluate_retrieval_checkpoint(checkpoint, data_root, dataset, split="test", coco_1k_folds=False, max_images=0,
-                                  out=None, pairs_per_batch=1024, num_workers=2, device="", dtype="bf16",
+                                  out=None, pairs_per_batch=1024, num_workers=2, device="", dtype="auto",
                                   save_scores=None):
     """Every image of the split scored against every caption (Karpathy splits; Flickr30K test:
     1K x 5K, COCO test: 5K x 25K), R@1/5/10 both ways, and with coco_1k_folds also the mean
@@ -511,6 +513,7 @@ def evaluate_retrieval_checkpoint(checkpoint, data_root, dataset, split="test", 
         raise EvaluationError(f"{checkpoint}: neither a retrieval nor a pre-training checkpoint (no rank or ITM "
                               f"head); use best.pt from finetune_retrieval.py or final.pt from pretrain.py")
     ddp = common.setup_distributed(device)
+    dtype = common.resolve_dtype(dtype, ddp.device)
     zero_shot = "rank_head.weight" not in keys
     model, tokenizer = checkpoint_model(state, ddp.device, ("rank",) if zero_shot else ())
     if zero_shot:
@@ -702,7 +705,7 @@ def main(argv=None):
     vqa.add_argument("--batch-size", type=int, default=32, help="images per batch (all their questions)")
     vqa.add_argument("--num-workers", type=int, default=2)
     vqa.add_argument("--device", default="")
-    vqa.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    vqa.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     ret = commands.add_parser("retrieval", help="full-protocol image-text retrieval recall of a checkpoint")
     ret.add_argument("--checkpoint", required=True, help="finetune_retrieval.py's best.pt (or pretrain.py's final.pt: "
                                                          "zero-shot by ITM)")
@@ -716,7 +719,7 @@ def main(argv=None):
     ret.add_argument("--batch-size", type=int, default=1024, help="(image, caption) pairs per transformer batch")
     ret.add_argument("--num-workers", type=int, default=2)
     ret.add_argument("--device", default="")
-    ret.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ret.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     score = commands.add_parser("vqa-score", help="official VQA accuracy of a predictions file")
     score.add_argument("--predictions", required=True)
     score.add_argument("--questions", required=True)
@@ -729,7 +732,7 @@ def main(argv=None):
     nlvr2.add_argument("--batch-size", type=int, default=16, help="examples per batch (two images each)")
     nlvr2.add_argument("--num-workers", type=int, default=2)
     nlvr2.add_argument("--device", default="")
-    nlvr2.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    nlvr2.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     nlvr2_score_cli = commands.add_parser("nlvr2-score", help="the official NLVR2 accuracy and consistency of a "
                                                               "predictions CSV")
     nlvr2_score_cli.add_argument("--predictions", required=True, help="CSV lines identifier,True|False")

@@ -69,7 +69,7 @@ class Config:
     visual_layernorm: bool = False  # LayerNorm + dropout on pixel tokens (not in the paper)
     visual_position: bool = False  # learned 2-D position embeddings of pixel tokens (not in the paper)
     # precision and device
-    dtype: str = "bf16"
+    dtype: str = "auto"  # auto (bf16 where the hardware has it; else fp32 on CPUs, fp16 on GPUs), bf16, fp16, fp32
     device: str = ""
     compile: bool = False
     channels_last: bool = True
@@ -134,6 +134,7 @@ def main(argv=None):
         raise SystemExit(f"--data {cfg.data}: choose demo or nlvr2")
     common.run_demo_pretraining_if_missing(cfg)
     ddp = common.setup_distributed(cfg.device)
+    cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
     accum, _ = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size, 1, "")

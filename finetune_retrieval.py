@@ -73,7 +73,7 @@ class Config:
     visual_layernorm: bool = False
     visual_position: bool = False
     # precision and device
-    dtype: str = "bf16"
+    dtype: str = "auto"  # auto (bf16 where the hardware has it; else fp32 on CPUs, fp16 on GPUs), bf16, fp16, fp32
     device: str = ""
     compile: bool = False
     channels_last: bool = True
@@ -136,7 +136,7 @@ def hard_negative_loss(score, candidates, num_hard):
 
 
 @torch.no_grad()
-def encode_images(model, root, paths, rows, min_size, max_size, device, dtype="bf16", num_workers=2,
+def encode_images(model, root, paths, rows, min_size, max_size, device, dtype="auto", num_workers=2,
                   channels_last=True, image_batch=32):
     """Pixel tokens of the images `rows` of `paths`: a list of (K_i, hidden) tensors (only the
     real tokens), one CNN pass per image. Images are batched only with images of the same padded
@@ -178,7 +178,7 @@ def caption_batches(captions, pairs_per_batch, device):
 
 
 @torch.no_grad()
-def score_images(model, pixels, batches, num_captions, dtype="bf16", bar=None):
+def score_images(model, pixels, batches, num_captions, dtype="auto", bar=None):
     """(len(pixels), num_captions) scores of cached pixel tokens against every caption: the
     transformer alone. Each batch pairs one image with up to pairs_per_batch captions."""
     device = batches[0][1].device
@@ -196,7 +196,7 @@ def score_images(model, pixels, batches, num_captions, dtype="bf16", bar=None):
     return scores
 
 
-def retrieval_scores(model, root, captions, ddp, min_size, max_size, dtype="bf16", pairs_per_batch=1024,
+def retrieval_scores(model, root, captions, ddp, min_size, max_size, dtype="auto", pairs_per_batch=1024,
                      num_workers=2, channels_last=True, progress=True):
     """The full protocol: (I, C) scores of every image of `captions` (a data.RetrievalCaptions)
     against every caption, on every process. Process r encodes and scores images r, r + W, ...;
@@ -237,6 +237,7 @@ def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
     common.run_demo_pretraining_if_missing(cfg)
     ddp = common.setup_distributed(cfg.device)
+    cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
     accum, _ = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size, 1, "--batch-size")

@@ -70,7 +70,7 @@ class Config:
     visual_layernorm: bool = False  # LayerNorm + dropout on pixel tokens (not in the paper)
     visual_position: bool = False  # learned 2-D position embeddings of pixel tokens (not in the paper)
     # precision and device
-    dtype: str = "bf16"  # bf16 | fp16 | fp32
+    dtype: str = "auto"  # auto (bf16 where the hardware has it; else fp32 on CPUs, fp16 on GPUs), bf16, fp16, fp32
     device: str = ""  # default: cuda if available, else cpu
     compile: bool = False
     channels_last: bool = True  # NHWC convolutions in the CNN (faster with bf16 on GPUs and AMX CPUs)
@@ -126,6 +126,7 @@ def losses(model, raw_model, batch, num_masked, num_pairs, device, dtype, pixel_
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
     ddp = common.setup_distributed(cfg.device)
+    cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
     common.print0(f"config: {asdict(cfg)}")
     dataset = "coco_vg" if cfg.data == "demo" else cfg.data  # the demo corpus is written in these formats
     accum, images_per_batch = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size,

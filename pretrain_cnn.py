@@ -40,7 +40,7 @@ class Config:
     lr: float = 1e-3  # AdamW, decayed linearly to 0 over the run
     weight_decay: float = 5e-4
     image_size: int = 112  # shorter side resized to this, then the centre square
-    dtype: str = "bf16"  # bf16 | fp16 | fp32
+    dtype: str = "auto"  # auto (bf16 where the hardware has it; else fp32 on CPUs, fp16 on GPUs), bf16, fp16, fp32
     device: str = ""  # default: cuda if available, else cpu
     channels_last: bool = True
     num_workers: int = 1
@@ -52,6 +52,7 @@ class Config:
 def main(argv=None):
     cfg = common.parse_config(Config, argv=argv)
     device = common.default_device(cfg.device)
+    cfg.dtype = common.resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
 

@@ -455,6 +455,23 @@ def test_fp16_skipped_steps_counted_and_a_collapse_stops(tmp_path):
     assert torch.isfinite(norm)  # a healthy fp16 step is not skipped
 
 
+def test_dtype_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch, capsys):
+    """Emulated bf16 on a CPU without AMX / AVX512-BF16 is ~100x slower than fp32: auto avoids it."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(common, "native_bf16", lambda device: True)
+    assert common.resolve_dtype("auto", cpu) == common.resolve_dtype("auto", gpu) == "bf16"
+    monkeypatch.setattr(common, "native_bf16", lambda device: False)
+    assert (common.resolve_dtype("auto", cpu), common.resolve_dtype("auto", gpu)) == ("fp32", "fp16")
+    with common.autocast(cpu, "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+    assert capsys.readouterr().out == ""
+    assert common.resolve_dtype("bf16", cpu) == "bf16"  # asked for explicitly: kept, with a warning
+    assert "bf16 matrix products are emulated" in capsys.readouterr().out
+    assert common.resolve_dtype("fp32", cpu) == "fp32" and capsys.readouterr().out == ""
+    with pytest.raises(SystemExit, match="--dtype fp8: use one of auto, bf16, fp16, fp32"):
+        common.resolve_dtype("fp8", cpu)
+
+
 # ---- 7. impossible settings fail before any work
 
 
