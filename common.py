@@ -79,8 +79,11 @@ def native_bf16(device):
     """Whether the device multiplies bf16 matrices in hardware: CUDA GPUs from Ampere on, CPUs
     with AMX or AVX512-BF16. Other CPUs emulate it: on a 2-core AMD EPYC (AVX2) a 1024x1024
     matrix product ran at 1.3 GFLOP/s in bf16 against 115 in fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # by default the check also counts bf16 emulated on pre-Ampere GPUs
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # a release before the argument existed
+            return torch.cuda.is_bf16_supported()
     if device.type == "cpu":  # torch.cpu's feature probes are private; absent in a release, assume no
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
                                                                             "_is_avx512_bf16_supported"))
