@@ -7,6 +7,7 @@ preemption signals, checks before any work). The training loops are written out 
 
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -75,6 +76,7 @@ def all_reduce_sum(tensor):
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
+@functools.cache  # asked at every autocast with --dtype auto; the hardware does not change
 def native_bf16(device):
     """Whether the device multiplies bf16 matrices in hardware: CUDA GPUs from Ampere on, CPUs
     with AMX or AVX512-BF16. Other CPUs emulate it: on a 2-core AMD EPYC (AVX2) a 1024x1024

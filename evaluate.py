@@ -33,6 +33,8 @@ import os
 import re
 import sys
 
+DTYPES = ("auto", "bf16", "fp16", "fp32")  # = common.DTYPES; not imported: scoring a file needs no torch
+
 # -----------------------------------------------------------------------------
 # The official VQA answer processing (the tables are the official tool's, unchanged)
 
@@ -705,7 +707,7 @@ def main(argv=None):
     vqa.add_argument("--batch-size", type=int, default=32, help="images per batch (all their questions)")
     vqa.add_argument("--num-workers", type=int, default=2)
     vqa.add_argument("--device", default="")
-    vqa.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    vqa.add_argument("--dtype", default="auto", choices=DTYPES)
     ret = commands.add_parser("retrieval", help="full-protocol image-text retrieval recall of a checkpoint")
     ret.add_argument("--checkpoint", required=True, help="finetune_retrieval.py's best.pt (or pretrain.py's final.pt: "
                                                          "zero-shot by ITM)")
@@ -719,7 +721,7 @@ def main(argv=None):
     ret.add_argument("--batch-size", type=int, default=1024, help="(image, caption) pairs per transformer batch")
     ret.add_argument("--num-workers", type=int, default=2)
     ret.add_argument("--device", default="")
-    ret.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    ret.add_argument("--dtype", default="auto", choices=DTYPES)
     score = commands.add_parser("vqa-score", help="official VQA accuracy of a predictions file")
     score.add_argument("--predictions", required=True)
     score.add_argument("--questions", required=True)
@@ -732,7 +734,7 @@ def main(argv=None):
     nlvr2.add_argument("--batch-size", type=int, default=16, help="examples per batch (two images each)")
     nlvr2.add_argument("--num-workers", type=int, default=2)
     nlvr2.add_argument("--device", default="")
-    nlvr2.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    nlvr2.add_argument("--dtype", default="auto", choices=DTYPES)
     nlvr2_score_cli = commands.add_parser("nlvr2-score", help="the official NLVR2 accuracy and consistency of a "
                                                               "predictions CSV")
     nlvr2_score_cli.add_argument("--predictions", required=True, help="CSV lines identifier,True|False")
