@@ -51,7 +51,7 @@ class Config:
     lr_milestones: str = "12,16"  # epochs
     lr: float = 1e-4  # AdamW, Transformer and heads (the pre-training rates)
     weight_decay: float = 1e-2
-    cnn_lr: float = 1e-2  # SGD, CNN
+    cnn_lr: float = 1e-2  # SGD, CNN; 0 keeps the CNN fixed
     cnn_weight_decay: float = 5e-4
     cnn_momentum: float = 0.9
     cnn_optimizer: str = "sgd"  # sgd | adamw
@@ -85,11 +85,14 @@ class Config:
 
 
 # The demo: the tiny model pre-trained by `python pretrain.py`, on the demo corpus's VQA files. A lower
-# fine-tuning lr than pre-training's keeps what pre-training learned (8 epochs: 66% vs 63% at 1e-3), and the
-# CNN, as in pre-training, moves at a tenth of it (best minival 89.2 vs 88.5 with the CNN at 3e-4).
+# fine-tuning lr than pre-training's keeps what pre-training learned (8 epochs: 66% vs 63% at 1e-3). The CNN
+# stays as pre-training left it. Fine-tuned too (AdamW at 3e-5) it fit the training questions better but not
+# the held-out ones: best minival 90.1 +- 0.8 over five seeds (89.5 to 91.4), against 90.4 +- 0.05 over three
+# with it fixed (16 epochs; 90.4 +- 0.4 over four at 12), measured on a GPU in bf16 from one pre-training.
+# The fixed CNN also skips its backward pass.
 PRESETS = {"demo": dict(model="tiny", init="runs/demo_pretrain/final.pt", image_min_size=128, image_max_size=192,
-                        batch_size=160, global_batch=160, questions_per_image=5, epochs=12, lr_milestones="9",
-                        lr=3e-4, cnn_lr=3e-5, cnn_optimizer="adamw", warmup_steps=30, dropout=0.0,
+                        batch_size=160, global_batch=160, questions_per_image=5, epochs=16, lr_milestones="12",
+                        lr=3e-4, cnn_lr=0.0, cnn_optimizer="adamw", warmup_steps=30, dropout=0.0,
                         minival_images=100, min_answer_count=1, num_workers=1, log_every=10, ckpt_every=500,
                         out_dir="runs/demo_vqa")}
 
@@ -187,6 +190,10 @@ def main(argv=None):
 
     # ---- model: the trunk from --init (or BERT + CNN weights), a new VQA head
     raw_model = common.build_model(cfg, ("vqa",), tokenizer.vocab_size, len(answers), init_state).to(ddp.device)
+    if cfg.cnn_lr == 0:
+        # A CNN that never moves needs no gradient: autograd then stops at the pixel tokens and
+        # skips the CNN's backward pass. Its BatchNorm still normalises with batch statistics.
+        raw_model.cnn.requires_grad_(False)
     if cfg.channels_last:
         raw_model.cnn.to(memory_format=torch.channels_last)
     optimizers = make_optimizers(raw_model, cfg.cnn_lr, cfg.cnn_momentum, cfg.cnn_weight_decay, cfg.lr,
@@ -197,7 +204,8 @@ def main(argv=None):
     step, best = state.get("step", 0), state.get("best", {"overall": -1.0})
     skipped_steps = state.get("skipped_steps", 0)  # fp16 steps the scaler skipped, over the whole run
     model = common.wrap_model(raw_model, ddp, cfg.compile)
-    common.print0(f"model: {cfg.model}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
+    common.print0(f"model: {cfg.model}, {sum(p.numel() for p in raw_model.parameters()):,} parameters, "
+                  f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad):,} trained")
 
     def checkpoint_state():
         return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() if o else None for o in optimizers],

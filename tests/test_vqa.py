@@ -135,6 +135,20 @@ def test_finetune_improves_and_checkpoint_round_trip(corpus, pretrained, tmp_pat
     assert all(p["answer"] in state["answers"] for p in submission)
 
 
+def test_cnn_lr_zero_keeps_the_cnn_fixed(corpus, pretrained, tmp_path):
+    """--cnn-lr 0 (the demo's setting) trains the Transformer and head only: the CNN's weights
+    come out as they went in, and it has no optimiser (so no backward pass runs through it)."""
+    out = str(tmp_path / "vqa")
+    finetune_vqa.main(run_args(corpus, pretrained, out, max_steps=2, epochs=1, lr=1e-3, cnn_lr=0))
+    before = common.load_checkpoint(pretrained)["model"]
+    after = common.load_checkpoint(common.step_checkpoints(out)[-1])
+    cnn = [k for k in before if k.startswith("cnn.") and not k.endswith(("running_mean", "running_var", "tracked"))]
+    assert cnn and all(torch.equal(before[k], after["model"][k]) for k in cnn)
+    assert not torch.equal(before["bert.encoder.layer.0.attention.self.query.weight"],
+                           after["model"]["bert.encoder.layer.0.attention.self.query.weight"])
+    assert after["optimizers"][0] is None
+
+
 def test_mismatched_answer_vocab_refused(corpus, pretrained, tmp_path):
     out = str(tmp_path / "vqa")
     finetune_vqa.main(run_args(corpus, pretrained, out, max_steps=1))
