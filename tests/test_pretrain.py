@@ -87,11 +87,11 @@ def test_missing_data_names_the_download(tmp_path):
 
 @pytest.mark.slow
 def test_demo_recipe_learns_to_ground(demo_pretraining):
-    """The demo's own recipe cut to 800 steps (conftest.py): held-out ITM must leave chance, which
-    it only can by matching words to image regions."""
+    """The demo's own recipe cut to 500 steps (conftest.py): held-out ITM must leave chance, which
+    it only can by matching words to image regions (measured: MLM 0.89, ITM 0.82 on an AVX2 CPU)."""
     metrics = demo_pretraining[2]
     assert metrics["mlm_acc"] > 3 * metrics["mlm_baseline"]
-    assert metrics["itm_acc"] > metrics["itm_baseline"] + 0.1, metrics
+    assert metrics["itm_acc"] > metrics["itm_baseline"] + 0.2, metrics
 
 
 def test_init_checkpoint_fixes_the_architecture(tmp_path):
