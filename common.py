@@ -254,7 +254,7 @@ def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
     From --init, the trunk's architecture is the checkpoint's own (only the heads and dropout
     are this run's); otherwise it is the --model preset with the script's visual-embedding
     flags, optionally initialised from --bert and --cnn. `init_state`: the --init checkpoint,
-    if the caller has loaded it already."""
+    if the caller has loaded it already. --cnn-lr 0 (where a script has it) fixes the CNN."""
     if cfg.init:
         state = init_state or load_checkpoint(cfg.init)
         if state["model_config"]["vocab_size"] != vocab_size:
@@ -264,14 +264,19 @@ def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
                                        "dropout": cfg.dropout})
         model = PixelBert(model_cfg)
         print0(copy_weights(model, state["model"], cfg.init))
-        return model
-    model = PixelBert(model_preset(cfg.model, vocab_size=vocab_size, dropout=cfg.dropout, heads=heads,
-                                   num_answers=num_answers, pixel_pool=cfg.pixel_pool,
-                                   visual_layernorm=cfg.visual_layernorm, visual_position=cfg.visual_position))
-    if cfg.bert:
-        print0(model.load_bert(cfg.bert))
-    if cfg.cnn:
-        print0(model.load_cnn(cfg.cnn))
+    else:
+        model = PixelBert(model_preset(cfg.model, vocab_size=vocab_size, dropout=cfg.dropout, heads=heads,
+                                       num_answers=num_answers, pixel_pool=cfg.pixel_pool,
+                                       visual_layernorm=cfg.visual_layernorm, visual_position=cfg.visual_position))
+        if cfg.bert:
+            print0(model.load_bert(cfg.bert))
+        if cfg.cnn:
+            print0(model.load_cnn(cfg.cnn))
+    if getattr(cfg, "cnn_lr", None) == 0:
+        # --cnn-lr 0 keeps the CNN as loaded. A CNN that never moves needs no gradient: autograd
+        # then stops at the pixel tokens and skips the CNN's backward pass, and make_optimizers
+        # gives it no optimiser. Its BatchNorm still normalises with batch statistics.
+        model.cnn.requires_grad_(False)
     return model
 
 
@@ -285,6 +290,11 @@ def run_demo_pretraining_if_missing(cfg):
             raise SystemExit(f"--init {cfg.init}: checkpoint not found")
         print0(f"{cfg.init} not found: running the demo pre-training first (python pretrain.py)")
         pretrain.main([])
+
+
+def print_model_size(name, model):
+    print0(f"model: {name}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained")
 
 
 def init_and_tokenizer(cfg):

@@ -49,7 +49,7 @@ class Config:
     lr_milestones: str = "12,16"  # epochs
     lr: float = 1e-4  # AdamW, Transformer and head (the pre-training rates)
     weight_decay: float = 1e-2
-    cnn_lr: float = 1e-2  # SGD, CNN
+    cnn_lr: float = 1e-2  # SGD, CNN; 0 keeps the CNN fixed
     cnn_weight_decay: float = 5e-4
     cnn_momentum: float = 0.9
     cnn_optimizer: str = "sgd"  # sgd | adamw
@@ -174,7 +174,7 @@ def main(argv=None):
     step, best = state.get("step", 0), state.get("best", {"accuracy": -1.0})
     skipped_steps = state.get("skipped_steps", 0)  # fp16 steps the scaler skipped, over the whole run
     model = common.wrap_model(raw_model, ddp, cfg.compile)
-    common.print0(f"model: {cfg.model}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
+    common.print_model_size(cfg.model, raw_model)
 
     def checkpoint_state():
         return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() if o else None for o in optimizers],

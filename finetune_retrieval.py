@@ -290,8 +290,7 @@ def main(argv=None):
     step, best = state.get("step", 0), state.get("best", {"rsum": -1.0})
     skipped_steps = state.get("skipped_steps", 0)  # fp16 steps the scaler skipped, over the whole run
     model = common.wrap_model(raw_model, ddp, cfg.compile)
-    common.print0(f"model: {raw_model.config.hidden_size} hidden, {sum(p.numel() for p in raw_model.parameters()):,} "
-                  f"parameters, {sum(p.numel() for p in raw_model.parameters() if p.requires_grad):,} trained")
+    common.print_model_size(f"{raw_model.config.hidden_size} hidden", raw_model)
 
     def train_mode():
         model.train()

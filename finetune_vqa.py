@@ -190,10 +190,6 @@ def main(argv=None):
 
     # ---- model: the trunk from --init (or BERT + CNN weights), a new VQA head
     raw_model = common.build_model(cfg, ("vqa",), tokenizer.vocab_size, len(answers), init_state).to(ddp.device)
-    if cfg.cnn_lr == 0:
-        # A CNN that never moves needs no gradient: autograd then stops at the pixel tokens and
-        # skips the CNN's backward pass. Its BatchNorm still normalises with batch statistics.
-        raw_model.cnn.requires_grad_(False)
     if cfg.channels_last:
         raw_model.cnn.to(memory_format=torch.channels_last)
     optimizers = make_optimizers(raw_model, cfg.cnn_lr, cfg.cnn_momentum, cfg.cnn_weight_decay, cfg.lr,
@@ -204,8 +200,7 @@ def main(argv=None):
     step, best = state.get("step", 0), state.get("best", {"overall": -1.0})
     skipped_steps = state.get("skipped_steps", 0)  # fp16 steps the scaler skipped, over the whole run
     model = common.wrap_model(raw_model, ddp, cfg.compile)
-    common.print0(f"model: {cfg.model}, {sum(p.numel() for p in raw_model.parameters()):,} parameters, "
-                  f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad):,} trained")
+    common.print_model_size(cfg.model, raw_model)
 
     def checkpoint_state():
         return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() if o else None for o in optimizers],
