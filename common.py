@@ -273,9 +273,10 @@ def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
         if cfg.cnn:
             print0(model.load_cnn(cfg.cnn))
     if getattr(cfg, "cnn_lr", None) == 0:
-        # --cnn-lr 0 keeps the CNN as loaded. A CNN that never moves needs no gradient: autograd
-        # then stops at the pixel tokens and skips the CNN's backward pass, and make_optimizers
-        # gives it no optimiser. Its BatchNorm still normalises with batch statistics.
+        # --cnn-lr 0 keeps the CNN's weights as loaded. Weights that never move need no gradient:
+        # autograd then stops at the pixel tokens and skips the CNN's backward pass, and
+        # make_optimizers gives them no optimiser. BatchNorm still normalises with batch
+        # statistics and updates its running ones (retrieval's frozen CNN keeps both fixed).
         model.cnn.requires_grad_(False)
     return model
 
@@ -332,7 +333,9 @@ def resume(out_dir, model, optimizers, scaler, config=None):
                          f"resumed run would see other data at each step. Use the original flags or a new --out-dir")
     model.load_state_dict(state["model"])
     for opt, opt_state in zip(optimizers, state["optimizers"]):
-        if opt is not None:
+        if opt is not None and opt_state is None:  # the CNN was fixed (--cnn-lr 0) until now
+            print0(f"--resume: {path} has no CNN optimiser state (written with --cnn-lr 0); it starts fresh")
+        elif opt is not None:
             opt.load_state_dict(opt_state)
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])

@@ -2,7 +2,7 @@
 Pixel-BERT pre-training: masked language modelling (MLM) + image-text matching (ITM) on COCO
 captions and Visual Genome region phrases (paper 3.4 and 4.1).
 
-    python pretrain.py          # demo: renders data/demo, trains the tiny model, ~10 min on 2 CPU cores
+    python pretrain.py          # demo: renders data/demo, trains the tiny model, ~9 min on 2 CPU cores with AMX (~23 in fp32)
     torchrun --nproc_per_node=8 pretrain.py --data coco_vg --data-root /datasets \
         --bert weights/bert-base-uncased --cnn weights/resnet50-11ad3fa6.pth
 
@@ -118,8 +118,8 @@ def losses(model, raw_model, batch, num_masked, num_pairs, device, dtype, pixel_
         itm_logits = raw_model.itm_head(pooled)
     mlm = F.cross_entropy(mlm_logits.float(), labels[masked], reduction="sum") / num_masked.clamp(min=1)
     itm = F.cross_entropy(itm_logits.float(), batch["itm_labels"], reduction="sum") / num_pairs
-    # A dropped objective still joins the graph with weight 0, so every parameter gets a
-    # (zero) gradient and DDP's all-reduce sees the same parameters on every step.
+    # A dropped objective still joins the graph with weight 0, so every trained parameter gets
+    # a (zero) gradient and DDP's all-reduce sees the same parameters on every step.
     return torch.stack([mlm * ("mlm" in tasks), itm * ("itm" in tasks)])
 
 

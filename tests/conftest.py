@@ -28,7 +28,7 @@ def demo_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_pretraining(demo_corpus, tmp_path_factory):
     """The demo's own pre-training recipe on the full demo corpus, cut to 500 steps (~8 minutes
-    on 2 cores in fp32, ~3 with AMX, the CNN's classification stage included): a grounded
+    on 2 cores in fp32, ~2 with AMX (estimated), the CNN's classification stage included): a grounded
     encoder, shared by the tests that need one. Returns (corpus root, run folder, held-out metrics)."""
     import pretrain
     root, out = demo_corpus, str(tmp_path_factory.mktemp("demo_pretraining") / "run")

@@ -137,7 +137,8 @@ def test_finetune_improves_and_checkpoint_round_trip(corpus, pretrained, tmp_pat
 
 def test_cnn_lr_zero_keeps_the_cnn_fixed(corpus, pretrained, tmp_path):
     """--cnn-lr 0 (the demo's setting) trains the Transformer and head only: the CNN's weights
-    come out as they went in, and it has no optimiser (so no backward pass runs through it)."""
+    come out as they went in: they take no gradient and get no optimiser (which the old lr-0
+    optimiser would have had), and a resume with a CNN lr gives it a fresh one."""
     out = str(tmp_path / "vqa")
     finetune_vqa.main(run_args(corpus, pretrained, out, max_steps=2, epochs=1, lr=1e-3, cnn_lr=0))
     before = common.load_checkpoint(pretrained)["model"]
@@ -147,6 +148,10 @@ def test_cnn_lr_zero_keeps_the_cnn_fixed(corpus, pretrained, tmp_path):
     assert not torch.equal(before["bert.encoder.layer.0.attention.self.query.weight"],
                            after["model"]["bert.encoder.layer.0.attention.self.query.weight"])
     assert after["optimizers"][0] is None
+    finetune_vqa.main(run_args(corpus, pretrained, out, max_steps=3, epochs=1, lr=1e-3, cnn_lr=1e-3) + ["--resume"])
+    resumed = common.load_checkpoint(common.step_checkpoints(out)[-1])
+    assert resumed["step"] == 3 and resumed["optimizers"][0] is not None
+    assert not all(torch.equal(before[k], resumed["model"][k]) for k in cnn)
 
 
 def test_mismatched_answer_vocab_refused(corpus, pretrained, tmp_path):
