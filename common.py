@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import Tokenizer, normalize_images
-from model import PixelBert, PixelBertConfig, copy_weights
+from model import PixelBert, PixelBertConfig, copy_weights, count_parameters
 
 # -----------------------------------------------------------------------------
 # Processes and devices
@@ -294,7 +294,7 @@ def run_demo_pretraining_if_missing(cfg):
 
 
 def print_model_size(name, model):
-    print0(f"model: {name}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+    print0(f"model: {name}, {count_parameters(model):,} parameters, "
            f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained")
 
 

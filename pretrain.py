@@ -2,7 +2,7 @@
 Pixel-BERT pre-training: masked language modelling (MLM) + image-text matching (ITM) on COCO
 captions and Visual Genome region phrases (paper 3.4 and 4.1).
 
-    python pretrain.py          # demo: renders data/demo, trains the tiny model, ~9 min on 2 CPU cores with AMX (~23 in fp32)
+    python pretrain.py          # demo: renders data/demo, trains the tiny model, ~9 min on 2 AMX cores (~23 in fp32)
     torchrun --nproc_per_node=8 pretrain.py --data coco_vg --data-root /datasets \
         --bert weights/bert-base-uncased --cnn weights/resnet50-11ad3fa6.pth
 
