@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import common
 import data
 from model import make_optimizers
+from tools import pretrain_cnn, synthetic
 
 
 @dataclass
@@ -138,13 +139,11 @@ def main(argv=None):
     if ddp.world_size > 1 and not ddp.is_main:
         torch.distributed.barrier()
     if cfg.data == "demo":
-        from synthetic import ensure_demo_corpus
-        ensure_demo_corpus(cfg.data_root)
+        synthetic.ensure_demo_corpus(cfg.data_root)
     # The demo's stand-in for ImageNet weights; --cnn / --init bring their own CNN, --resume its checkpoint's.
     if cfg.cnn_pretrain_epochs and not (cfg.cnn or cfg.init or cfg.resume):
         cfg.cnn = os.path.join(cfg.out_dir, "cnn_pretrain.pth")  # every process then loads what rank 0 trained
         if ddp.is_main:
-            import pretrain_cnn
             pretrain_cnn.main([f"--data-root={cfg.data_root}", f"--model={cfg.model}", f"--out={cfg.cnn}",
                                f"--epochs={cfg.cnn_pretrain_epochs}", f"--dtype={cfg.dtype}", f"--device={ddp.device}",
                                f"--num-workers={cfg.num_workers}", f"--seed={cfg.seed}",

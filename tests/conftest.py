@@ -21,7 +21,7 @@ def minilm_dir():
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
     """The full demo corpus (scale 1, ~15 s to write), shared by the tests that learn on it."""
-    import synthetic
+    from tools import synthetic
     return str(synthetic.ensure_demo_corpus(tmp_path_factory.mktemp("demo_corpus") / "demo"))
 
 

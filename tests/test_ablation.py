@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-import ablation
+from tools import ablation
 import common
-import synthetic
+from tools import synthetic
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_every_variant_runs_and_an_interrupted_ablation_continues(tmp_path, caps
     # with the pre-trained models' architecture
     assert not os.path.exists(os.path.join(out, "none", "pretrain"))
     cnn = os.path.join(out, "none", "cnn", "resnet.pth")
-    assert results["none/cnn"]["command"].startswith("python pretrain_cnn.py") and os.path.exists(cnn)
+    assert results["none/cnn"]["command"].startswith("python tools/pretrain_cnn.py") and os.path.exists(cnn)
     assert f"--cnn={cnn}" in results["none/vqa/0"]["command"]
     scratch = common.load_checkpoint(os.path.join(out, "none", "vqa_s0", "best.pt"))["model_config"]
     pretrained = common.load_checkpoint(os.path.join(out, "mlm", "pretrain", "final.pt"))["model_config"]

@@ -12,7 +12,7 @@ import data
 import evaluate
 import finetune_vqa
 import pretrain
-import synthetic
+from tools import synthetic
 
 SIZES = ["--image-min-size=64", "--image-max-size=96", "--num-workers=0", "--dtype=fp32"]
 

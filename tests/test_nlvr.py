@@ -15,7 +15,7 @@ import data
 import evaluate
 import finetune_nlvr
 import pretrain
-import synthetic
+from tools import synthetic
 
 
 @pytest.fixture(scope="module")

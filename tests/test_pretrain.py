@@ -11,7 +11,7 @@ import torch
 
 import common
 import pretrain
-import synthetic
+from tools import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

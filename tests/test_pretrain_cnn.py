@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import common
-import pretrain_cnn
-import synthetic
+from tools import pretrain_cnn
+from tools import synthetic
 from model import PixelBert, PixelBertConfig
 
 

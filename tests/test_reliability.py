@@ -21,7 +21,7 @@ import common
 import data
 import finetune_vqa
 import pretrain
-import synthetic
+from tools import synthetic
 from model import PixelBert, PixelBertConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

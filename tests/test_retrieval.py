@@ -18,7 +18,7 @@ import common
 import data
 import evaluate
 import finetune_retrieval
-import synthetic
+from tools import synthetic
 from model import PixelBert, PixelBertConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

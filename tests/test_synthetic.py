@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-import synthetic
+from tools import synthetic
 
 SCALE = 0.02
 COLOURS, SHAPES = "|".join(synthetic.COLOURS), "|".join(synthetic.SHAPES)

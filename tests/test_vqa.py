@@ -13,7 +13,7 @@ import data
 import evaluate
 import finetune_vqa
 import pretrain
-import synthetic
+from tools import synthetic
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 The paper's pre-training ablation (its Table 6) in miniature, on the built-in demo corpus: each
 pre-training variant, then the same VQA, retrieval and NLVR2 fine-tuning of it, in one table.
 
-    python ablation.py --seeds 0,1       # every variant, two fine-tuning seeds: ~2 h on 2 CPU cores
-    python ablation.py --seeds 0,1,2 --variants mlm_itm,mlm_itm_ps     # a third seed for two rows
+    python3 tools/ablation.py --seeds 0,1       # every variant, two fine-tuning seeds: ~2 h on 2 CPU cores
+    python3 tools/ablation.py --seeds 0,1,2 --variants mlm_itm,mlm_itm_ps     # a third seed for two rows
 
 Variants, as the paper's rows:
     none        no pre-training: every fine-tuning starts from the CNN's classification
@@ -35,13 +35,16 @@ import os
 import statistics
 import sys
 
+if __package__ in (None, ""):  # run as `python3 tools/ablation.py`: the repository's modules sit one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import common
 import evaluate
 import finetune_nlvr
 import finetune_retrieval
 import finetune_vqa
 import pretrain
-import pretrain_cnn
+from tools import pretrain_cnn, synthetic
 
 VARIANTS = {  # name: (the paper's row, pretrain.py flags (None: no pre-training), objectives trained)
     "none": ("no pre-training", None, set()),
@@ -84,7 +87,7 @@ def plan(variants, seeds, tasks, data_root, out_dir, smoke=False):
             start = [f"--init={init}"]
         else:  # the demo pre-training's first stage alone: the CNN's classification pre-training
             cnn = os.path.join(folder, "cnn", "resnet.pth")
-            steps.append((f"{variant}/cnn", "pretrain_cnn.py", pretrain_cnn.main,
+            steps.append((f"{variant}/cnn", "tools/pretrain_cnn.py", pretrain_cnn.main,
                           [f"--data-root={data_root}", f"--out={cnn}",
                            f"--epochs={demo['cnn_pretrain_epochs']}"] + extra["cnn"]))
             start = scratch + [f"--cnn={cnn}"]
@@ -119,8 +122,7 @@ def main(argv=None):
             raise SystemExit(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     out_dir = args.out_dir or ("runs/ablation_smoke" if args.smoke else "runs/ablation")
-    from synthetic import ensure_demo_corpus
-    ensure_demo_corpus(args.data_root)  # "no pre-training" reads the corpus before any pretrain.py renders it
+    synthetic.ensure_demo_corpus(args.data_root)  # "no pre-training" reads the corpus before any pretrain.py renders it
     os.makedirs(out_dir, exist_ok=True)
     results_path = os.path.join(out_dir, "results.json")
     results = {}

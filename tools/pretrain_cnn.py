@@ -2,7 +2,7 @@
 The CNN's own pre-training, image classification: the demo's stand-in for the ImageNet weights that
 Pixel-BERT's CNN starts from (paper 4.1: ResNet-50 and ResNeXt-152 pre-trained on ImageNet).
 
-    python pretrain_cnn.py      # demo: the tiny ResNet learns data/demo/imagenet's 18 classes, ~30 s on 2 CPU cores
+    python3 tools/pretrain_cnn.py     # demo: the tiny ResNet learns data/demo/imagenet's 18 classes, ~30 s on 2 CPU cores
 
 Why the demo needs it. The paper's CNN arrives knowing edges, corners and shapes, and MLM and ITM
 only have to tie them to words. Taught by captions alone, the demo's CNN learned colour and never
@@ -18,11 +18,15 @@ tensors under torchvision's names plus the classifier `fc`, which --cnn loads li
 """
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as `python3 tools/pretrain_cnn.py`: the repository's modules sit one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common
 import data
