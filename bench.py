@@ -9,8 +9,8 @@ baseline, data loading, aspect-ratio grouping, memory, and the ceiling the CNN's
     python bench.py --device cuda --model r50        # GPU: r50 at the paper's 800x1333
 
 Every row runs the code the training scripts run: model.PixelBert, model.make_optimizers,
-data.collate, common.batch_to_device, common.autocast, common.train_step, and the scripts' own
-loss functions (pretrain.losses, finetune_vqa.vqa_loss). Throughput figures come with the
+data.collate, common.batch_to_device, common.autocast, the task losses the scripts train
+(model.pretraining_losses, model.vqa_loss), and the optimiser step as the scripts write it out. Throughput figures come with the
 achieved FLOP/s (counted analytically, see train_flops) as a fraction of the same process's
 measured dense-matmul peak in the same precision; compare ratios measured in one run, since
 absolute figures move with whatever else runs on the machine.
@@ -32,11 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import common
 import data
-import finetune_vqa
-import pretrain
-from model import CNN_STRIDE, RESNET_LAYERS, PixelBert, ResNet, make_optimizers, sample_pixels
+from evaluate import retrieval_scores
+from model import (CNN_STRIDE, RESNET_LAYERS, PixelBert, ResNet, make_optimizers, pretraining_losses, sample_pixels,
+                   vqa_loss)
 
 
 @dataclass
@@ -362,13 +363,41 @@ def step_batch(cfg, task, texts, captions_per_image, vocab_size, gen):
 
 
 def step_losses(task, model, raw, batch, device, dtype, pixel_samples, accum=1):
-    """The training scripts' own loss functions (pretrain.losses, finetune_vqa.vqa_loss) on one
-    of `accum` identical micro-batches, normalised by the global batch's counts as they are."""
-    if task == "pretrain":
-        num_masked = (batch["mlm_labels"] != data.IGNORE).sum() * accum
-        num_pairs = torch.tensor(len(batch["itm_labels"]) * accum, device=num_masked.device)
-        return pretrain.losses(model, raw, batch, num_masked, num_pairs, device, dtype, pixel_samples)
-    return finetune_vqa.vqa_loss(model, raw, batch, len(batch["targets"]) * accum, device, dtype)
+    """The forward and the task loss the training scripts run (model.pretraining_losses,
+    model.vqa_loss) on one of `accum` identical micro-batches, normalised by the global batch's
+    counts as they are."""
+    with common.autocast(device, dtype):
+        if task == "pretrain":
+            hidden, pooled = model(batch["mlm_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
+                                   image_index=batch["image_index"], sample_pixel_count=pixel_samples or None)
+            num_masked = (batch["mlm_labels"] != data.IGNORE).sum() * accum
+            num_pairs = torch.tensor(len(batch["itm_labels"]) * accum, device=num_masked.device)
+            return pretraining_losses(raw, hidden, pooled, batch["mlm_labels"], batch["itm_labels"], num_masked,
+                                      num_pairs)
+        _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
+                          image_index=batch["image_index"])
+        return vqa_loss(raw, pooled, batch["targets"], len(batch["targets"]) * accum)
+
+
+def optimizer_step(model, raw, micro_batches, loss_fn, optimizers, scaler, out_dir):
+    """One optimiser step as the training scripts write it (one process): forward, loss and
+    backward on each micro-batch, unscale, clip at 10, the divergence check, step, zero_grad.
+    Returns the losses summed over the micro-batches."""
+    totals = 0
+    for batch in micro_batches:
+        losses = loss_fn(batch)
+        scaler.scale(losses.sum()).backward()
+        totals = totals + losses.detach()
+    for opt in filter(None, optimizers):
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), 10.0)
+    checkpoint.stop_if_diverged(0, out_dir, totals, grad_norm, scaler)
+    for opt in filter(None, optimizers):
+        scaler.step(opt)
+    scaler.update()
+    for opt in filter(None, optimizers):
+        opt.zero_grad(set_to_none=True)
+    return totals
 
 
 def saved_activation_bytes(fn):
@@ -411,8 +440,7 @@ class RowRun:
             return step_losses(task, model, raw, b, device, dtype, cfg.pixel_samples, cfg.accum)
 
         def train_step():
-            return common.train_step(model, [batch] * cfg.accum, loss_fn, optimizers, scaler, raw.parameters(), 10.0,
-                                     tmp, 0)[0]
+            return optimizer_step(model, raw, [batch] * cfg.accum, loss_fn, optimizers, scaler, tmp)
 
         for i in range(cfg.warmup - 1):
             train_step()
@@ -521,11 +549,10 @@ class RandomCaptions:
 
 
 def retrieval_rates(cfg, device, folder):
-    """finetune_retrieval.retrieval_scores (what `evaluate.py retrieval` runs: the CNN once per
+    """evaluate.retrieval_scores (what `evaluate.py retrieval` runs: the CNN once per
     image, cached pixel tokens, large batches of pairs under bf16 autocast) on retrieval_images
     JPEGs x retrieval_captions captions: pairs/s of the whole and of the transformer alone, and
     the full protocols' hours at that rate (1K x 5K pairs for Flickr30K, 5K x 25K for COCO)."""
-    from finetune_retrieval import retrieval_scores
     torch.manual_seed(cfg.seed)
     model = PixelBert(model_config(cfg.model, cfg.quick, heads=("rank",))).to(device)
     model.cnn.to(memory_format=torch.channels_last)

@@ -1,31 +1,27 @@
 """
-The few helpers every training script shares: torchrun setup, print0, dataclass -> argparse,
-the learning-rate schedule, one optimiser step, building / resuming / wrapping the model,
-checkpoints, the metric log, and what keeps a run alive (per-step seeds for exact resumption,
-preemption signals, checks before any work). The training loops are written out in each script.
+The few helpers every training script shares: torchrun setup, print0, precision, dataclass ->
+flags, the learning-rate schedule and batch plan, building and wrapping the model, moving a batch
+to the device, progress and metric logs. The training step itself is written out in each script;
+checkpoints, resuming and preemption live in checkpoint.py.
 """
 
 import argparse
 import dataclasses
 import functools
-import glob
 import json
 import os
-import random
-import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import Tokenizer, normalize_images
-from model import PixelBert, PixelBertConfig, copy_weights, count_parameters
+from data import normalize_images
+from model import PixelBert, PixelBertConfig, copy_weights, count_parameters, load_bert, load_cnn
 
 # -----------------------------------------------------------------------------
 # Processes and devices
@@ -137,7 +133,7 @@ def parse_config(cls, presets=None, argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Optimisation
+# Optimisation schedule and batch plan
 
 
 def lr_factor(step, warmup_steps, warmup_start, milestones):
@@ -154,24 +150,6 @@ def set_lr(optimizers, factor):
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])
             group["lr"] = group["initial_lr"] * factor
-
-
-def optimizer_step(optimizers, scaler, parameters, grad_clip):
-    """Unscale (fp16), clip the global gradient norm, step every optimiser, clear gradients.
-    Returns the gradient norm before clipping."""
-    optimizers = [o for o in optimizers if o is not None]
-    for opt in optimizers:
-        scaler.unscale_(opt)
-    norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else float("inf"))
-    if not scaler.is_enabled() and not torch.isfinite(norm):
-        # Without fp16's scaler nothing would skip this step: it would write NaN into every weight.
-        raise FloatingPointError(f"the gradient norm is {norm.item()}")
-    for opt in optimizers:
-        scaler.step(opt)
-    scaler.update()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    return norm
 
 
 def schedule(epochs, max_steps, lr_milestones, steps_per_epoch):
@@ -196,47 +174,6 @@ def batch_plan(global_batch, batch_size, world_size, texts_per_image, flag):
     return accum, images
 
 
-def train_step(model, micro_batches, loss_fn, optimizers, scaler, parameters, grad_clip, out_dir, step):
-    """One optimiser step of gradient accumulation over a global batch's micro-batches.
-    loss_fn(batch) returns a vector of losses, each already divided by its count over the whole
-    global batch; their sum is back-propagated. Only the last micro-step all-reduces gradients
-    (DDP's no_sync on the others). Returns the losses summed over micro-steps and processes,
-    and the gradient norm (not finite when fp16's scaler skipped the step). A non-finite loss or
-    gradient, or an fp16 loss scale that collapsed because every step overflows, stops the run,
-    naming the last good checkpoint."""
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    totals = 0
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with model.no_sync() if world_size > 1 and not last else nullcontext():
-            losses = loss_fn(batch)
-            # DDP averages gradients over processes; the losses are global means already.
-            scaler.scale(losses.sum() * world_size).backward()
-        totals = totals + losses.detach()
-    all_reduce_sum(totals)
-    if not torch.isfinite(totals).all():
-        raise SystemExit(f"step {step + 1}: the loss is {totals.tolist()}; stopping. {last_good(out_dir)}")
-    try:
-        norm = optimizer_step(optimizers, scaler, parameters, grad_clip)
-    except FloatingPointError as e:  # identical on every rank: gradients are all-reduced
-        raise SystemExit(f"step {step + 1}: {e}; stopping before the update. {last_good(out_dir)}") from None
-    if scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:
-        raise SystemExit(f"step {step + 1}: fp16 loss scale {scaler.get_scale():.2g}: the gradients overflow at "
-                         f"every step, so every step is skipped; stopping (use --dtype bf16 or a lower lr). "
-                         f"{last_good(out_dir)}")
-    return totals, norm
-
-
-# fp16: GradScaler halves the scale (from 65536) at each overflow and only doubles it after 2000
-# clean steps, so a scale below 1 means about 16 overflows in a row: every step is being skipped.
-MIN_LOSS_SCALE = 1.0
-
-
-def last_good(out_dir):
-    checkpoints = step_checkpoints(out_dir)
-    return f"Last good checkpoint: {checkpoints[-1] if checkpoints else 'none'} (resume with --resume)."
-
-
 # -----------------------------------------------------------------------------
 # The model of a run: built, initialised, resumed, wrapped
 
@@ -251,12 +188,12 @@ def model_preset(name, **overrides):
 
 def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
     """PixelBert for a script's config, with a report of what was loaded and what stayed new.
-    From --init, the trunk's architecture is the checkpoint's own (only the heads and dropout
-    are this run's); otherwise it is the --model preset with the script's visual-embedding
-    flags, optionally initialised from --bert and --cnn. `init_state`: the --init checkpoint,
-    if the caller has loaded it already. --cnn-lr 0 (where a script has it) fixes the CNN."""
+    From --init (`init_state`: that checkpoint, loaded by checkpoint.init_and_tokenizer), the
+    trunk's architecture is the checkpoint's own (only the heads and dropout are this run's);
+    otherwise it is the --model preset with the script's visual-embedding flags, optionally
+    initialised from --bert and --cnn. --cnn-lr 0 (where a script has it) fixes the CNN."""
     if cfg.init:
-        state = init_state or load_checkpoint(cfg.init)
+        state = init_state
         if state["model_config"]["vocab_size"] != vocab_size:
             raise SystemExit(f"{cfg.init} has {state['model_config']['vocab_size']} word pieces, this run's "
                              f"vocabulary {vocab_size}: pass the --vocab it was trained with")
@@ -269,9 +206,9 @@ def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
                                        num_answers=num_answers, pixel_pool=cfg.pixel_pool,
                                        visual_layernorm=cfg.visual_layernorm, visual_position=cfg.visual_position))
         if cfg.bert:
-            print0(model.load_bert(cfg.bert))
+            print0(load_bert(model, cfg.bert))
         if cfg.cnn:
-            print0(model.load_cnn(cfg.cnn))
+            print0(load_cnn(model, cfg.cnn))
     if getattr(cfg, "cnn_lr", None) == 0:
         # --cnn-lr 0 keeps the CNN's weights as loaded. Weights that never move need no gradient:
         # autograd then stops at the pixel tokens and skips the CNN's backward pass, and
@@ -281,86 +218,9 @@ def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
     return model
 
 
-def run_demo_pretraining_if_missing(cfg):
-    """The fine-tuning demos start from the demo pre-training's runs/demo_pretrain/final.pt:
-    when it is missing, run `python pretrain.py` first (every torchrun process joins it)."""
-    if cfg.data == "demo" and cfg.init and not os.path.exists(cfg.init):
-        import pretrain  # here, not at the top: pretrain.py imports this module
-        demo = os.path.join(pretrain.PRESETS["demo"]["out_dir"], "final.pt")
-        if os.path.normpath(cfg.init) != os.path.normpath(demo):  # a typo must not start minutes of other work
-            raise SystemExit(f"--init {cfg.init}: checkpoint not found")
-        print0(f"{cfg.init} not found: running the demo pre-training first (python pretrain.py)")
-        pretrain.main([])
-
-
 def print_model_size(name, model):
     print0(f"model: {name}, {count_parameters(model):,} parameters, "
            f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained")
-
-
-def init_and_tokenizer(cfg):
-    """The --init checkpoint, loaded once ({} without one; build_model takes it), and the run's
-    WordPiece tokenizer from --vocab, else the --bert folder's vocab.txt, else
-    <data-root>/vocab.txt, which must be the vocabulary the checkpoint was trained with."""
-    init_state = load_checkpoint(cfg.init) if cfg.init else {}
-    vocab = cfg.vocab or (os.path.join(cfg.bert, "vocab.txt") if os.path.isdir(cfg.bert) else
-                          os.path.join(cfg.data_root, "vocab.txt"))
-    tokenizer = Tokenizer(vocab, cfg.max_text_len)
-    if init_state.get("vocab") not in (None, tokenizer.vocab_tokens()):
-        raise SystemExit(f"{cfg.init} was trained with another WordPiece vocabulary than {vocab}; pass --vocab")
-    return init_state, tokenizer
-
-
-def resume(out_dir, model, optimizers, scaler, config=None):
-    """Load the newest complete step checkpoint of the run folder into model, optimisers and
-    scaler; returns the checkpoint (its "step" is where to continue: the epoch, the sampler's
-    position and the lr follow from it, and seed_step makes every later random draw). A
-    checkpoint that does not load (e.g. cut short by a full disk) is reported and the one before
-    it taken. `config` (the run's flags): those that decide what data each step sees must match."""
-    for path in reversed(step_checkpoints(out_dir)):
-        try:
-            state = load_checkpoint(path)
-            break
-        except ValueError as e:
-            print0(f"--resume: skipping {e}")
-    else:
-        raise SystemExit(f"--resume: no loadable checkpoint (ckpt_*.pt) in {out_dir}")
-    check_same_model(state.get("model_config", {}), dataclasses.asdict(model.config), path)
-    changed = [f"--{k.replace('_', '-')} {state['config'][k]} -> {config[k]}" for k in RESUME_FIXED
-               if config and k in config and k in state.get("config", {}) and config[k] != state["config"][k]]
-    if changed:
-        raise SystemExit(f"--resume: {path} was written with other settings ({'; '.join(changed)}); the "
-                         f"resumed run would see other data at each step. Use the original flags or a new --out-dir")
-    model.load_state_dict(state["model"])
-    for opt, opt_state in zip(optimizers, state["optimizers"]):
-        if opt is not None and opt_state is None:  # the CNN was fixed (--cnn-lr 0) until now
-            print0(f"--resume: {path} has no CNN optimiser state (written with --cnn-lr 0); it starts fresh")
-        elif opt is not None:
-            opt.load_state_dict(opt_state)
-    scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    print0(f"resumed from {path} at step {state['step']}")
-    return state
-
-
-# Flags that decide which examples each step draws; the number of processes may change on resume
-# (MicroBatchSampler gives step s the same global batch for any split into processes x accumulation).
-RESUME_FIXED = ("data", "global_batch", "seed", "captions_per_image", "questions_per_image", "group_aspect",
-                "train_split", "min_answer_count", "minival_images", "negatives")
-
-
-def check_same_model(saved, own, source):
-    """A checkpoint's model_config against this run's: any difference (a size, the heads of
-    another task) is named, instead of a wall of state-dict shape errors."""
-    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} here" for k, v in own.items()
-            if k != "dropout" and _plain(saved.get(k)) != _plain(v)]
-    if diff:
-        raise SystemExit(f"{source} holds another model than this run builds ({'; '.join(diff)}); pass the "
-                         f"--model / task flags it was trained with, or start a new --out-dir")
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 def wrap_model(model, ddp, compile=False):
@@ -383,36 +243,7 @@ def batch_to_device(batch, device, channels_last):
 
 
 # -----------------------------------------------------------------------------
-# Keeping a run alive: checks before any work, per-step seeds, preemption
-
-
-def prepare_out_dir(out_dir, resume):
-    """Fail before any work when the run folder cannot be written, or --resume has nothing to
-    resume from. Every process checks (on several nodes the folder must be shared)."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write_test_rank{os.environ.get('RANK', 0)}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"--out-dir {out_dir}: cannot write there ({e.strerror}); choose a writable folder") from None
-    if resume and not step_checkpoints(out_dir):
-        raise SystemExit(f"--resume: no checkpoint (ckpt_*.pt) in {out_dir}; drop --resume to start a new run, "
-                         f"or pass the --out-dir of the run to continue")
-
-
-def seed_step(seed, rank, step):
-    """Seed torch (CPU and CUDA), NumPy and Python's random from (seed, rank, step) before each
-    training step. Every random draw of the step (dropout, pixel sampling) then depends on these
-    three numbers only, not on what ran before (evaluations, DataLoader iterators drawing their
-    base seed, an interruption): a resumed run repeats the uninterrupted one exactly. The data's
-    own randomness (masks, negatives) is seeded by (seed, epoch, index) in data.py, so it does
-    not depend on DataLoader workers or their seeds either."""
-    a, b = np.random.SeedSequence([seed, rank, step]).generate_state(2)
-    torch.manual_seed((int(a) << 31) ^ int(b))
-    np.random.seed(int(a))
-    random.seed(int(b))
+# What a run shows and writes as it goes
 
 
 class Progress:
@@ -465,112 +296,6 @@ class BadImages:
         count = len(set().union(*seen))
         print0(f"--skip-bad-images: {count} unreadable image{'s' * (count != 1)} skipped")
         return count
-
-
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun with --resume
-
-
-class Preemption:
-    """SIGTERM (sent by SLURM, Kubernetes, cloud schedulers, torchrun when it is stopped) and
-    SIGUSR1 (SLURM's --signal) only set a flag: the step in flight completes, then the loop
-    asks requested(), which every rank answers alike, so all of them stop after the same step."""
-
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
-        self.signal = None
-        self.previous = {s: signal.signal(s, self._handle) for s in signals}
-
-    def restore(self):
-        """Give the signals back to their previous handlers once the loop is over (after the demo
-        pre-training inside a fine-tuning run, a later SIGTERM must reach the fine-tuning's own)."""
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def requested(self, device):
-        """True on every rank if any rank received a signal (an all-reduce of the flags)."""
-        flag = torch.tensor(float(self.signal is not None), device=device)
-        return all_reduce_sum(flag).item() > 0
-
-    def exit(self, out_dir, step):
-        """After rank 0 wrote the step's checkpoint: wait for it on every rank, then exit with
-        EXIT_PREEMPTED."""
-        self.restore()
-        if dist.is_initialized():
-            dist.barrier()  # no rank leaves (and lets torchrun stop the others) before the save ends
-            dist.destroy_process_group()
-        print(f"rank {int(os.environ.get('RANK', 0))}: stopped by {self.signal or 'a signal to another process'} "
-              f"after step {step}; checkpoint {os.path.join(out_dir, f'ckpt_{step:08d}.pt')}; run the same command "
-              f"with --resume to continue", flush=True)
-        raise SystemExit(EXIT_PREEMPTED)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints and logs
-
-
-def save_checkpoint(state, path):
-    """Write to a temporary file, flush it to disk, then rename: a crash or SIGKILL at any moment
-    leaves either the old file or the complete new one under `path`, never a partial one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
-
-
-def save_weights(state, path):
-    """A training checkpoint without what only --resume needs (optimisers, fp16 scaler, random
-    states): best.pt and final.pt, for evaluation and --init."""
-    save_checkpoint({k: v for k, v in state.items() if k not in ("optimizers", "scaler", "rng")}, path)
-
-
-def step_checkpoints(out_dir):
-    """ckpt_<step>.pt of a run folder, oldest first; temporary files (*.pt.tmp<pid>) never match."""
-    return sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
-
-
-def save_step_checkpoint(state, out_dir, step, keep):
-    """ckpt_<step>.pt, then the oldest beyond the last `keep` and the temporary files that killed
-    runs left behind are removed."""
-    save_checkpoint(state, os.path.join(out_dir, f"ckpt_{step:08d}.pt"))
-    for old in step_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        os.remove(old)
-    for stray in glob.glob(os.path.join(out_dir, "*.pt.tmp*")):
-        if not stray.endswith(f".tmp{os.getpid()}"):
-            os.remove(stray)
-
-
-def load_checkpoint(path):
-    """Load a checkpoint without unpickling code (weights_only=True): only tensors and plain
-    values are accepted, so a crafted file cannot run anything."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a loadable checkpoint ({str(e).splitlines()[0]}); it may be truncated, "
-                         f"or contain objects other than tensors and plain values, which are refused because "
-                         f"unpickling them could run code: use checkpoints written by these scripts") from None
-
-
-def rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class MetricLog:

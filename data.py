@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from evaluate import EvaluationError, check_nlvr2_record, normalize_answer, read_json_lines, vqa_accuracy
+from metrics import (EvaluationError, canonical_answer, check_nlvr2_record, leave_one_out_accuracy,
+                     process_human_answers, process_prediction, read_json_lines)
+from model import MLM_IGNORE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD_MULTIPLE = 64  # pixel tokens cover 64x64 cells (stride 32 + 2x2 pool; 32x32 unpooled): no partial cells
-IGNORE = -100  # label of positions without an MLM target (F.cross_entropy's ignore_index)
+IGNORE = MLM_IGNORE  # label of text positions without an MLM target (model.pretraining_losses leaves them out)
 
 # Where each official file comes from; shown whenever one is missing.
 DOWNLOADS = {
@@ -783,12 +785,23 @@ def read_vqa(root, split, minival_images=5000, skip_bad_images=False):
     return questions, annotations
 
 
+# The vocabulary's entries are answers in normalize_answer's form (canonical_answer: a form that
+# processing leaves unchanged, so an entry is compared as itself), and an entry's soft target is
+# exactly the official accuracy of predicting that string, under the rule set the run is scored
+# with (metrics.VQA_RULES; "current" by default). Under the current rules a prediction is
+# normalised whenever the annotators disagree, so the one entry "2" scores for "two", "Two" and
+# "2." alike, where raw spellings as entries would split one answer over several labels. A
+# question whose annotators all wrote one string is compared unprocessed: an entry scores there
+# only if it is that string exactly, as clean answers ("yes", "2") are; for one like "Yes" no
+# entry scores, its target is zero, and the training sees what the metric sees.
+
+
 def vqa_answer_vocab(annotations, min_count=9):
     """Answers whose normalised multiple_choice_answer occurs at least min_count times, most
     frequent first (ties alphabetical). On VQA v2 train + val, min_count 9 gives the standard ~3,129."""
     counts = {}
     for a in annotations:
-        answer = normalize_answer(a["multiple_choice_answer"])
+        answer = canonical_answer(a["multiple_choice_answer"])
         counts[answer] = counts.get(answer, 0) + 1
     vocab = sorted((a for a, k in counts.items() if k >= min_count), key=lambda a: (-counts[a], a))
     if not vocab:
@@ -796,11 +809,16 @@ def vqa_answer_vocab(annotations, min_count=9):
     return vocab
 
 
-def vqa_soft_targets(annotation, answer_to_label):
-    """(labels, scores): every vocabulary answer that some annotator gave (normalised), with
-    the official accuracy it would score as a prediction - the paper's soft target."""
-    candidates = {normalize_answer(h["answer"]) for h in annotation["answers"]} & answer_to_label.keys()
-    scored = [(answer_to_label[c], vqa_accuracy(c, annotation["answers"])) for c in sorted(candidates)]
+def vqa_soft_targets(annotation, answer_to_label, rules="current"):
+    """(labels, scores): every vocabulary answer that scores on this question, with the official
+    accuracy it scores as a prediction under `rules` - the paper's soft target."""
+    humans = annotation["answers"]
+    records = process_human_answers(humans, rules)  # processed once, scored against every candidate
+    # An entry scores only where its processed form equals a processed human answer, and entries
+    # are their own processed form (canonical_answer), so those answers are the only candidates.
+    candidates = {r["answer"] for r in records} & answer_to_label.keys()
+    scored = [(answer_to_label[c], leave_one_out_accuracy(process_prediction(c, humans, rules), records))
+              for c in sorted(candidates)]
     return [l for l, s in scored if s > 0], [s for l, s in scored if s > 0]
 
 
@@ -808,11 +826,12 @@ class VQAQuestions(torch.utils.data.Dataset):
     """Item (epoch, i): the image of question i with `questions_per_image` of its questions
     (question i, then others of the same image; 1 is the paper's setting; 0 takes all of them,
     for evaluation, with i the image's first question). Each question comes
-    with its id and, when answers are known, the soft-target vector over the answer vocabulary.
+    with its id and, when answers are known, the soft-target vector over the answer vocabulary
+    (each answer's official accuracy under `vqa_rules`, the rules the run is scored with).
     Questions are stored as flat numpy arrays, which forked DataLoader workers share for free."""
 
     def __init__(self, root, questions, annotations, tokenizer, answer_to_label, min_size, max_size, seed=0,
-                 questions_per_image=1, skip_bad_images=False):
+                 questions_per_image=1, skip_bad_images=False, vqa_rules="current"):
         order = sorted(range(len(questions)), key=lambda i: (questions[i]["image_path"], i))  # an image's questions together
         self.image_paths, question_image = np.unique([questions[i]["image_path"] for i in order], return_inverse=True)
         self.question_image = question_image.astype(np.int32)
@@ -822,7 +841,7 @@ class VQAQuestions(torch.utils.data.Dataset):
         self.pieces = np.fromiter((t for p in pieces for t in p), dtype=np.int32)
         self.num_answers, self.labelled = len(answer_to_label), bool(annotations)
         if self.labelled:
-            targets = [vqa_soft_targets(annotations[i], answer_to_label) for i in order]
+            targets = [vqa_soft_targets(annotations[i], answer_to_label, vqa_rules) for i in order]
             self.target_offsets = np.concatenate([[0], np.cumsum([len(l) for l, _ in targets])]).astype(np.int64)
             self.target_labels = np.fromiter((l for ls, _ in targets for l in ls), dtype=np.int32)
             self.target_scores = np.fromiter((s for _, ss in targets for s in ss), dtype=np.float32)

@@ -1,5 +1,7 @@
 """
-Metrics as importable functions, and a command line that evaluates checkpoints.
+Checkpoint evaluation, prediction and inference: the held-out predictions the fine-tuning
+scripts select their best epoch with, full-protocol retrieval scoring, submission files, and a
+command line.
 
     python evaluate.py vqa --checkpoint runs/demo_vqa/best.pt --data-root data/demo --split minival
     python evaluate.py vqa --checkpoint CKPT --data-root ROOT --split test-dev   # writes a submission file
@@ -12,376 +14,185 @@ Metrics as importable functions, and a command line that evaluates checkpoints.
     python evaluate.py retrieval --checkpoint runs/demo_retrieval/best.pt --data-root data/demo --dataset flickr30k
     torchrun --nproc_per_node=8 evaluate.py retrieval --checkpoint CKPT --data-root ROOT --dataset coco --coco-1k-folds
 
-VQA accuracy is computed exactly as the official evaluation tool computes it (GT-Vision-Lab/VQA,
-PythonEvaluationTools/vqaEvaluation/vqaEval.py), quirks included, so that our numbers and the
-server's agree: a prediction is cleaned (punctuation, number words, articles, contractions); the
-ten human answers only get the punctuation step, and only when they disagree; accuracy is
-min(1, matches / 3) averaged over the ten leave-one-out subsets of the human answers.
-NLVR2 accuracy and consistency are computed as lil-lab/nlvr's nlvr2/eval/metrics.py computes them.
-
-Retrieval recall (R@1/5/10 both ways) is computed from a score matrix and each caption's image,
-with ties counted against the ground truth (see retrieval_recall).
-
-The metric part needs only the standard library (data.py builds VQA soft targets and reads
-NLVR2's JSON Lines with it; retrieval_recall imports torch when called); the
-checkpoint-evaluation part imports torch, data.py and model.py when it runs.
+The metrics themselves (VQA accuracy as the official tool computes it, NLVR2 accuracy and
+consistency, retrieval recall) live in metrics.py, which needs only the standard library.
 """
 
 import argparse
 import json
 import os
-import re
 import sys
+import time
 
-DTYPES = ("auto", "bf16", "fp16", "fp32")  # = common.DTYPES; not imported: scoring a file needs no torch
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
-# -----------------------------------------------------------------------------
-# The official VQA answer processing (the tables are the official tool's, unchanged)
-
-# Keys are as the official tool has them; those with capitals can never match (words are lower-cased
-# first), and "somebody'd" maps to "somebodyd": kept, because the point is to agree with the tool.
-CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
-    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
-    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
-    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
-    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
-    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
-    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
-    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
-    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
-    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
-    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
-    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
-    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
-    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
-    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
-    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
-}
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = {"a", "an", "the"}
-PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-# The official pattern reads as if it meant "a period not between digits", but "(?!<=\d)" is a
-# look-ahead for the text "<=" + digit, so in effect: any period not followed by a digit.
-PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-# The tool passes re.UNICODE (= 32) where re.sub expects its `count`: at most 32 periods go.
-PERIOD_STRIP_COUNT = int(re.UNICODE)
-
-
-def process_punctuation(text):
-    """Delete a punctuation mark where it touches a space (or anywhere, if the text has a
-    digit,digit comma), otherwise replace it by a space; then drop periods not before a digit."""
-    out = text
-    delete_all = COMMA_STRIP.search(text) is not None
-    for p in PUNCTUATION:
-        out = out.replace(p, "" if delete_all or p + " " in text or " " + p in text else " ")
-    return PERIOD_STRIP.sub("", out, count=PERIOD_STRIP_COUNT)
-
-
-def process_digit_article(text):
-    """Lower-case, number words -> digits, drop articles, restore contractions' apostrophes."""
-    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
-
-
-def normalize_answer(answer):
-    """A predicted answer as the official tool compares it. Also how answer vocabularies are
-    built: every candidate answer is in this form."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
-
-
-def vqa_accuracy(prediction, human_answers):
-    """The official accuracy of one prediction (already normalised) against the annotation's
-    `answers` list (dicts with at least "answer"): the mean over leave-one-out subsets of
-    min(1, matches / 3). With 10 annotators, n matching gives 0, 0.3, 0.6, 0.9, 1.0 for n = 0..>=4."""
-    texts = [a["answer"] for a in human_answers]
-    if len(set(texts)) > 1:
-        texts = [process_punctuation(t) for t in texts]
-    records = [{**a, "answer": t} for a, t in zip(human_answers, texts)]
-    total = 0.0
-    for held_out in records:
-        # The tool leaves out every record equal to this one (not just this one), so identical
-        # records leave out together; in real annotations answer_id tells them apart.
-        matches = sum(1 for r in records if r != held_out and r["answer"] == prediction)
-        total += min(1, float(matches) / 3)
-    return total / len(records)
+import checkpoint as checkpoint_file  # here `checkpoint` is the path of the checkpoint being evaluated
+import common
+import data
+from metrics import (VQA_RULES, EvaluationError, check_predictions, nlvr2_score, read_json_file, retrieval_recall,
+                     retrieval_recall_folds, score_files, score_nlvr2_files, vqa_score, write_nlvr2_predictions)
+from model import PixelBert, PixelBertConfig, copy_weights, nlvr2_logits, rank_scores
 
 
 # -----------------------------------------------------------------------------
-# Scoring a predictions file
+# Predictions over a held-out set: used by the fine-tuning scripts (model selection each epoch)
+# and by the checkpoint commands below
 
 
-class EvaluationError(ValueError):
-    """Predictions that cannot be scored. The message names the file and the entry."""
-
-
-def check_predictions(predictions, question_ids, where):
-    """A list of {"question_id": int, "answer": str} with exactly one entry per question.
-    Returns {question_id: answer}."""
-    if not isinstance(predictions, list):
-        raise EvaluationError(f"{where}: expected a JSON list of {{\"question_id\": int, \"answer\": str}} objects")
-    answers = {}
-    for i, p in enumerate(predictions):
-        if not (isinstance(p, dict) and isinstance(p.get("question_id"), int)
-                and not isinstance(p.get("question_id"), bool) and isinstance(p.get("answer"), str)):
-            raise EvaluationError(f"{where}: entry {i} is not {{\"question_id\": int, \"answer\": str}}: {str(p)[:100]}")
-        if p["question_id"] in answers:
-            raise EvaluationError(f"{where}: question_id {p['question_id']} is answered twice (entries "
-                                  f"{[j for j, q in enumerate(predictions) if q.get('question_id') == p['question_id']]})")
-        answers[p["question_id"]] = p["answer"]
-    missing = [q for q in question_ids if q not in answers]
-    wanted = set(question_ids)
-    extra = [q for q in answers if q not in wanted]
-    if missing or extra:
-        raise EvaluationError(f"{where}: the predictions must answer every question of the split and nothing else; "
-                              f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} not in the split "
-                              f"(e.g. {extra[:5]})")
-    return answers
-
-
-def vqa_score(predictions, annotations, where="predictions", digits=2):
-    """Official VQA accuracy of `predictions` (the submission list format) against the
-    `annotations` list of an official annotations file, in percent: overall, perAnswerType and
-    perQuestionType, rounded as the tool rounds them. Sums run in annotation order, as the
-    tool's do, so even the last digit agrees."""
-    answers = check_predictions(predictions, [a["question_id"] for a in annotations], where)
-    overall, per_answer_type, per_question_type = [], {}, {}
-    for ann in annotations:
-        acc = vqa_accuracy(normalize_answer(answers[ann["question_id"]]), ann["answers"])
-        overall.append(acc)
-        per_answer_type.setdefault(ann["answer_type"], []).append(acc)
-        per_question_type.setdefault(ann["question_type"], []).append(acc)
-
-    def percent(accs):
-        return round(100 * float(sum(accs)) / len(accs), digits)
-    return {"overall": percent(overall),
-            "perAnswerType": {k: percent(v) for k, v in per_answer_type.items()},
-            "perQuestionType": {k: percent(v) for k, v in per_question_type.items()}}
-
-
-def read_json_file(path, what):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise EvaluationError(f"{path}: {what} file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvaluationError(f"{path}: not a valid JSON {what} file ({e})") from None
-
-
-def score_files(predictions_path, questions_path, annotations_path):
-    """vqa-score: official accuracy of a predictions file against official question and
-    annotation files (the annotations decide which questions are scored, as in the tool)."""
-    questions = read_json_file(questions_path, "VQA questions").get("questions", [])
-    annotations = read_json_file(annotations_path, "VQA annotations").get("annotations")
-    if not isinstance(annotations, list):
-        raise EvaluationError(f"{annotations_path}: no annotations[] list; is it a v2_mscoco_*_annotations.json?")
-    asked = {q.get("question_id") for q in questions}
-    unasked = [a["question_id"] for a in annotations if a["question_id"] not in asked]
-    if unasked:
-        raise EvaluationError(f"{annotations_path}: {len(unasked)} annotated questions (e.g. {unasked[:3]}) are not in "
-                              f"{questions_path}; the two files must be of the same split")
-    return vqa_score(read_json_file(predictions_path, "predictions"), annotations, predictions_path)
-
-
-# -----------------------------------------------------------------------------
-# The official NLVR2 metric (lil-lab/nlvr, nlvr2/eval/metrics.py): accuracy ("precision" in the
-# script's output) and consistency
-
-
-def read_json_lines(path):
-    """[(line number, record dict)] of a JSON Lines file such as NLVR2's train/dev/test1.json,
-    blank lines skipped. Each line is decoded on its own, so an error names the line."""
-    records = []
-    try:
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise EvaluationError(f"{path}, line {number}: not UTF-8 text ({e.reason} at byte {e.start}); "
-                                          f"re-download the file") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvaluationError(f"{path}, line {number}: not a JSON object ({e.msg}); every line of a JSON "
-                                          f"Lines file is one record") from None
-                if not isinstance(record, dict):
-                    raise EvaluationError(f"{path}, line {number}: a JSON {type(record).__name__}, not an object")
-                records.append((number, record))
-    except FileNotFoundError:
-        raise EvaluationError(f"{path}: file not found") from None
-    return records
-
-
-def check_nlvr2_record(record, where):
-    """An NLVR2 record needs a string identifier of the form split-set-pair-sentence (the
-    metric groups on its fields) and a label "True" or "False"."""
-    identifier, label = record.get("identifier"), record.get("label")
-    if not isinstance(identifier, str) or len(identifier.split("-")) < 4:
-        raise EvaluationError(f"{where}: 'identifier' is {identifier!r}, not a string like 'dev-850-0-0' "
-                              f"(split-set-pair-sentence)")
-    if label not in ("True", "False"):
-        raise EvaluationError(f"{where} ({identifier}): 'label' is {label!r}, not \"True\" or \"False\"")
-
-
-def nlvr2_group(identifier):
-    """The consistency group of an example, as metrics.py forms it: the identifier with its
-    third field (the image pair) blanked, so 'dev-850-0-1' and 'dev-850-3-1' share the group
-    'dev-850--1': one sentence (set 850, sentence 1) judged on every image pair it was written for."""
-    fields = identifier.split("-")
-    fields[2] = ""
-    return "-".join(fields)
-
-
-def nlvr2_score(predictions, examples, where="predictions", digits=2):
-    """Accuracy and consistency in percent, as lil-lab/nlvr's nlvr2/eval/metrics.py computes them:
-    accuracy over `examples` (records with "identifier" and "label"), comparing case-insensitively;
-    consistency = the fraction of groups (nlvr2_group) whose every example is right.
-    predictions: {identifier: "True" | "False"}; identifiers that are not examples are ignored, as
-    the script ignores them; a missing one is an error listing them (the script lists and stops)."""
-    missing = [e["identifier"] for e in examples if e["identifier"] not in predictions]
-    if missing:
-        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
-        raise EvaluationError(f"{where}: {len(missing)} of {len(examples)} examples have no prediction: {shown}")
-    correct, consistent = 0, {}
-    for e in examples:
-        right = predictions[e["identifier"]].lower() == e["label"].lower()
-        correct += right
-        group = nlvr2_group(e["identifier"])
-        consistent[group] = consistent.get(group, True) and right
-
-    def percent(fraction):
-        return 100 * fraction if digits is None else round(100 * fraction, digits)
-    return {"accuracy": percent(correct / len(examples)),
-            "consistency": percent(sum(consistent.values()) / len(consistent)),
-            "examples": len(examples), "groups": len(consistent)}
-
-
-def read_nlvr2_predictions(path):
-    """{identifier: prediction} from the official CSV format, one `identifier,True|False` line per
-    example (metrics.py splits each stripped line on commas and reads the first two fields).
-    A prediction other than true/false (any case), a line without one, or an identifier given
-    twice is an error naming the line: metrics.py would score those silently as wrong or keep
-    the last."""
-    predictions, lines = {}, {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                fields = line.strip().split(",")
-                if len(fields) < 2 or fields[1].lower() not in ("true", "false"):
-                    raise EvaluationError(f"{path}, line {number}: expected 'identifier,True' or 'identifier,False', "
-                                          f"got {line.strip()[:100]!r}")
-                if fields[0] in predictions:
-                    raise EvaluationError(f"{path}: {fields[0]} is predicted twice (lines {lines[fields[0]]} and "
-                                          f"{number})")
-                predictions[fields[0]], lines[fields[0]] = fields[1], number
-    except FileNotFoundError:
-        raise EvaluationError(f"{path}: predictions file not found") from None
-    except UnicodeDecodeError as e:
-        raise EvaluationError(f"{path}: not UTF-8 text ({e.reason}); predictions are CSV lines "
-                              f"'identifier,True|False'") from None
+def predict_vqa(model, loader, answers, ddp, dtype, channels_last=True):
+    """Every question of the loader's dataset -> {"question_id", "answer"} (the submission
+    format), gathered from all processes. The most likely answer of the vocabulary wins."""
+    model.eval()
+    predictions = []
+    with torch.no_grad():
+        for batch in loader:
+            batch = common.batch_to_device(batch, ddp.device, channels_last)
+            with common.autocast(ddp.device, dtype):
+                _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
+                                  image_index=batch["image_index"])
+                best = model.vqa_head(pooled).argmax(-1)
+            predictions += [{"question_id": int(q), "answer": answers[int(a)]}
+                            for q, a in zip(batch["question_id"].tolist(), best.tolist())]
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, predictions)
+        predictions = [p for part in gathered for p in part]
     return predictions
 
 
-def read_nlvr2_labels(path):
-    """The records of an official NLVR2 JSON Lines file (dev.json, test1.json, ...), checked."""
-    records = read_json_lines(path)
-    for number, record in records:
-        check_nlvr2_record(record, f"{path}, line {number}")
-    return [record for _, record in records]
+def vqa_eval_loader(dataset, images_per_batch, ddp, num_workers):
+    """Each image once with all of its questions; images split across processes."""
+    firsts = dataset.first_questions()[ddp.rank:: ddp.world_size]
+    return torch.utils.data.DataLoader(dataset, batch_size=images_per_batch, sampler=[(0, int(i)) for i in firsts],
+                                       collate_fn=data.collate, num_workers=num_workers)
 
 
-def write_nlvr2_predictions(path, predictions):
-    """[(identifier, True|False)] -> the official CSV format, one line each, in the given order."""
-    with open(path, "w") as f:
-        f.writelines(f"{identifier},{bool(value)}\n" for identifier, value in predictions)
+def predict_nlvr2(model, loader, identifiers, ddp, dtype, channels_last=True):
+    """{identifier: "True" | "False"} for every example of the loader, gathered from all processes."""
+    model.eval()
+    predictions = {}
+    with torch.no_grad():
+        for batch in loader:
+            batch = common.batch_to_device(batch, ddp.device, channels_last)
+            with common.autocast(ddp.device, dtype):
+                _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"])
+                true = nlvr2_logits(model, pooled).argmax(-1)
+            predictions.update({identifiers[i]: str(bool(t)) for i, t in zip(batch["index"].tolist(), true.tolist())})
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, predictions)
+        predictions = {k: v for part in gathered for k, v in part.items()}
+    return predictions
 
 
-def score_nlvr2_files(predictions_path, labels_path):
-    """nlvr2-score: the official metric of a predictions CSV against an official JSON Lines file."""
-    examples = read_nlvr2_labels(labels_path)
-    return nlvr2_score(read_nlvr2_predictions(predictions_path), examples, predictions_path)
+def nlvr2_eval_loader(dataset, batch_size, ddp, num_workers):
+    """Every example once, split across processes."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=range(ddp.rank, len(dataset),
+                                                                                      ddp.world_size),
+                                       collate_fn=data.collate_nlvr2, num_workers=num_workers)
 
 
 # -----------------------------------------------------------------------------
-# Image-text retrieval recall (paper 4.4)
+# Full-protocol retrieval scoring: every image against every caption
 
 
-def retrieval_recall(scores, caption_image, ks=(1, 5, 10)):
-    """R@K in percent of image->text (TR: for each image, is one of its captions among the K
-    best-scored captions?) and text->image (IR: for each caption, is its image among the K
-    best-scored images?), and rsum, their sum. scores (I, C): image i against caption c, any
-    array-like; caption_image (C,): the image row each caption describes.
+@torch.no_grad()
+def encode_images(model, root, paths, rows, min_size, max_size, device, dtype="auto", num_workers=2,
+                  channels_last=True, image_batch=32):
+    """Pixel tokens of the images `rows` of `paths`: a list of (K_i, hidden) tensors (only the
+    real tokens), one CNN pass per image. Images are batched only with images of the same padded
+    size, so each is encoded exactly as it would be alone: a larger neighbour's padding would
+    change the CNN's features along the border (its receptive field reaches into the padding)."""
+    dataset = torch.utils.data.Subset(data.ImageFiles(root, paths, min_size, max_size), list(rows))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    position = {row: k for k, row in enumerate(rows)}
+    pixels, buckets = [None] * len(rows), {}
 
-    Ties are broken against the ground truth: a wrong candidate that scores exactly as high as
-    the best correct one ranks above it. The result therefore does not depend on the order of
-    images or captions, and a constant scorer gets (almost) nothing instead of the luck of the
-    index order. Uses torch (imported here, so this module still imports without it)."""
-    import torch
-
-    scores = torch.as_tensor(scores, dtype=torch.float64)
-    owner = torch.as_tensor(caption_image, dtype=torch.long)
-    I, C = scores.shape
-    if owner.shape != (C,) or C == 0 or owner.min() < 0 or owner.max() >= I:
-        raise EvaluationError(f"retrieval: caption_image must give an image row in [0, {I}) for each of the {C} "
-                              f"captions (got shape {tuple(owner.shape)})")
-    if not torch.isfinite(scores).all():
-        raise EvaluationError("retrieval: the score matrix has NaN or infinite entries")
-    captioned = torch.bincount(owner, minlength=I)
-    if (captioned == 0).any():
-        raise EvaluationError(f"retrieval: image {int((captioned == 0).nonzero()[0])} has no caption")
-    tr_rank, ir_rank = torch.empty(I, dtype=torch.long), torch.empty(C, dtype=torch.long)
-    for start in range(0, I, 256):  # blocks of images bound the memory of the (I, C) comparisons
-        block = scores[start: start + 256]  # (b, C)
-        rows = torch.arange(start, start + len(block))
-        mine = owner[None, :] == rows[:, None]  # (b, C): the block's own captions
-        best = block.masked_fill(~mine, float("-inf")).max(1).values  # (b,) best-scored correct caption
-        tr_rank[rows] = ((block >= best[:, None]) & ~mine).sum(1)  # wrong captions at least as high
-    gt = scores[owner, torch.arange(C)]  # (C,) each caption's score with its own image
-    for start in range(0, C, 4096):
-        cols = slice(start, start + 4096)
-        ir_rank[cols] = (scores[:, cols] >= gt[None, cols]).sum(0) - 1  # wrong images at least as high
-    result = {}
-    for name, rank in (("tr", tr_rank), ("ir", ir_rank)):
-        for k in ks:
-            result[f"{name}_r{k}"] = 100.0 * (rank < k).double().mean().item()
-    result["rsum"] = sum(result.values())
-    return result
+    def flush(shape):
+        batch = data.collate([{"image": image} for _, image in buckets[shape]])
+        batch = common.batch_to_device(batch, device, channels_last)
+        with common.autocast(device, dtype):
+            tokens, pixel_mask = model.encode_image(batch["images"], batch["image_mask"])
+        for (row, _), t, m in zip(buckets.pop(shape), tokens, pixel_mask):
+            pixels[position[row]] = t[m].float()  # (K_i, hidden), raster order
+    for row, image in loader:
+        shape = tuple(-(-s // data.PAD_MULTIPLE) for s in image.shape[1:])
+        buckets.setdefault(shape, []).append((row, image))
+        if len(buckets[shape]) == image_batch:
+            flush(shape)
+    for shape in list(buckets):
+        flush(shape)
+    return pixels
 
 
-def retrieval_recall_folds(scores, caption_image, fold_images=1000):
-    """The mean of retrieval_recall over consecutive folds of `fold_images` images and their
-    captions (COCO's 5K test split -> five 1K folds, in Karpathy's file order)."""
-    import torch
+def caption_batches(captions, pairs_per_batch, device):
+    """All captions as padded (input_ids, text_mask) batches, prepared once. Sorted by length,
+    so a batch's padding is small; yields (caption rows, input_ids, text_mask)."""
+    order = sorted(range(len(captions)), key=lambda c: len(captions.input_ids(c)))
+    batches = []
+    for k in range(0, len(order), pairs_per_batch):
+        rows = order[k: k + pairs_per_batch]
+        batch = data.collate([{"input_ids": captions.input_ids(c)} for c in rows])
+        batches.append((torch.tensor(rows, device=device), batch["input_ids"].to(device),
+                        batch["text_mask"].to(device)))
+    return batches
 
-    scores, owner = torch.as_tensor(scores), torch.as_tensor(caption_image, dtype=torch.long)
-    folds = scores.shape[0] // fold_images
-    if folds == 0 or scores.shape[0] % fold_images:
-        raise EvaluationError(f"retrieval: {scores.shape[0]} images do not split into folds of {fold_images}")
-    results = []
-    for f in range(folds):
-        cols = ((owner >= f * fold_images) & (owner < (f + 1) * fold_images)).nonzero().squeeze(1)
-        block = scores[f * fold_images: (f + 1) * fold_images, cols]
-        results.append(retrieval_recall(block, owner[cols] - f * fold_images))
-    return {k: sum(r[k] for r in results) / folds for k in results[0]}
+
+@torch.no_grad()
+def score_images(model, pixels, batches, num_captions, dtype="auto", bar=None):
+    """(len(pixels), num_captions) scores of cached pixel tokens against every caption: the
+    transformer alone. Each batch pairs one image with up to pairs_per_batch captions."""
+    device = batches[0][1].device
+    scores = torch.empty(len(pixels), num_captions, device=device)
+    for r, tokens in enumerate(pixels):
+        tokens = tokens.to(device)[None]  # (1, K, hidden)
+        pixel_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device)
+        for rows, input_ids, text_mask in batches:
+            with common.autocast(device, dtype):
+                _, pooled = model(input_ids, text_mask, pixels=(tokens, pixel_mask),
+                                  image_index=torch.zeros(len(rows), dtype=torch.long, device=device))
+            scores[r, rows] = rank_scores(model, pooled)
+            if bar is not None:
+                bar.update(len(rows))
+    return scores
+
+
+def retrieval_scores(model, root, captions, ddp, min_size, max_size, dtype="auto", pairs_per_batch=1024,
+                     num_workers=2, channels_last=True, progress=True):
+    """The full protocol: (I, C) scores of every image of `captions` (a data.RetrievalCaptions)
+    against every caption, on every process. Process r encodes and scores images r, r + W, ...;
+    the rows are gathered at the end. Returns the scores and the seconds spent encoding images
+    and in the transformer."""
+    model.eval()
+    I, C, W = len(captions.image_paths), len(captions), ddp.world_size
+    rows = range(ddp.rank, I, W)
+    sync = torch.cuda.synchronize if ddp.device.type == "cuda" else (lambda: None)
+    t0 = time.time()
+    pixels = encode_images(model, root, captions.image_paths, rows, min_size, max_size, ddp.device, dtype,
+                           num_workers, channels_last)
+    sync()
+    t1 = time.time()
+    batches = caption_batches(captions, pairs_per_batch, ddp.device)
+    bar = tqdm(total=len(rows) * C, disable=not (progress and ddp.is_main), unit="pair", unit_scale=True,
+               dynamic_ncols=True, desc=f"scoring {I}x{C}" + (f" ({W} processes)" if W > 1 else ""),
+               mininterval=0.1 if sys.stderr.isatty() else 60)  # in a log file: one redraw a minute
+    mine = score_images(model, pixels, batches, C, dtype, bar)
+    bar.close()
+    sync()
+    t2 = time.time()
+    if W > 1:  # equal shapes for all_gather: pad every process to the largest share
+        padded = torch.zeros(-(-I // W), C, device=ddp.device)
+        padded[: len(rows)] = mine
+        gathered = [torch.empty_like(padded) for _ in range(W)]
+        dist.all_gather(gathered, padded)
+        mine = torch.empty(I, C, device=ddp.device)
+        for r in range(W):
+            mine[r::W] = gathered[r][: len(range(r, I, W))]
+    return mine.cpu(), {"encode_s": t1 - t0, "transformer_s": t2 - t1, "total_s": time.time() - t0}
 
 
 # -----------------------------------------------------------------------------
@@ -392,9 +203,6 @@ def checkpoint_model(state, device, extra_heads=()):
     """A loaded checkpoint's model (its own config and weights) on `device` in eval mode, and the
     tokenizer of the vocabulary saved with it. extra_heads: heads the checkpoint has no weights
     for, added freshly initialised (every other tensor must still fit)."""
-    import data
-    from model import PixelBert, PixelBertConfig, copy_weights
-
     model = PixelBert(PixelBertConfig(**{**state["model_config"],
                                          "heads": tuple(state["model_config"]["heads"]) + tuple(extra_heads)}))
     if extra_heads:
@@ -409,18 +217,12 @@ def checkpoint_model(state, device, extra_heads=()):
 
 
 def evaluate_vqa_checkpoint(checkpoint, data_root, split, out=None, batch_size=32, num_workers=2, device="",
-                            dtype="auto", minival_images=None, ans2label=None):
+                            dtype="auto", minival_images=None, ans2label=None, vqa_rules="current"):
     """Predict every question of `split` with the checkpoint's own answer vocabulary. Splits
     with answers (val, minival, train...) return the official accuracy; test-dev and test write
     the submission file (every test2015 question) to `out` and return its path. minival is
     the checkpoint's own held-out set unless `minival_images` says otherwise."""
-    import torch
-
-    import common
-    import data
-    from finetune_vqa import eval_loader, predict
-
-    state = common.load_checkpoint(checkpoint)
+    state = checkpoint_file.load_checkpoint(checkpoint)
     if state.get("task") != "vqa" or "answers" not in state:
         raise EvaluationError(f"{checkpoint}: not a VQA checkpoint (task {state.get('task')!r}); "
                               f"use best.pt or final.pt from a finetune_vqa.py run")
@@ -441,9 +243,9 @@ def evaluate_vqa_checkpoint(checkpoint, data_root, split, out=None, batch_size=3
     sizes = state["config"]["image_min_size"], state["config"]["image_max_size"]
     dataset = data.VQAQuestions(data_root, questions, annotations, tokenizer, {a: i for i, a in enumerate(answers)},
                                 *sizes, questions_per_image=0)
-    predictions = predict(model, eval_loader(dataset, batch_size, ddp, num_workers), answers, ddp, dtype)
+    predictions = predict_vqa(model, vqa_eval_loader(dataset, batch_size, ddp, num_workers), answers, ddp, dtype)
     if annotations:
-        return vqa_score(predictions, annotations, f"{split} predictions")
+        return vqa_score(predictions, annotations, f"{split} predictions", rules=vqa_rules)
     out = out or os.path.join(os.path.dirname(checkpoint), f"vqa_{split}_submission.json")
     if ddp.is_main:
         order = {q["question_id"]: i for i, q in enumerate(questions)}
@@ -463,13 +265,7 @@ def evaluate_nlvr2_checkpoint(checkpoint, data_root, split, out=None, batch_size
     """Predict every example of `split` (dev or test1, whose labels are public), write the
     predictions in the official CSV format to `out` (default: beside the checkpoint) and return
     the official accuracy and consistency with the file's path."""
-    import torch
-
-    import common
-    import data
-    from finetune_nlvr import eval_loader, predict
-
-    state = common.load_checkpoint(checkpoint)
+    state = checkpoint_file.load_checkpoint(checkpoint)
     if state.get("task") != "nlvr":
         raise EvaluationError(f"{checkpoint}: not an NLVR2 checkpoint (task {state.get('task')!r}); "
                               f"use best.pt or a ckpt_*.pt from a finetune_nlvr.py run")
@@ -481,7 +277,8 @@ def evaluate_nlvr2_checkpoint(checkpoint, data_root, split, out=None, batch_size
     dataset = data.NLVR2Examples(data_root, records, tokenizer, state["config"]["image_min_size"],
                                  state["config"]["image_max_size"])
     identifiers = [r["identifier"] for r in records]
-    predictions = predict(model, eval_loader(dataset, batch_size, ddp, num_workers), identifiers, ddp, dtype)
+    predictions = predict_nlvr2(model, nlvr2_eval_loader(dataset, batch_size, ddp, num_workers), identifiers, ddp,
+                                dtype)
     out = out or os.path.join(os.path.dirname(checkpoint), f"nlvr2_{split}_predictions.csv")
     if ddp.is_main:
         write_nlvr2_predictions(out, [(i, predictions[i] == "True") for i in identifiers])
@@ -500,16 +297,8 @@ def evaluate_retrieval_checkpoint(checkpoint, data_root, dataset, split="test", 
     over the five 1K folds. A pre-training checkpoint is scored zero-shot, by its ITM match
     log-odds. The result (with wall time and pairs per second) is written as JSON to `out`,
     by default retrieval_<dataset>_<split>.json beside the checkpoint."""
-    import time
-
-    import torch
-
-    import common
-    import data
-    from finetune_retrieval import retrieval_scores
-
     start = time.time()
-    state = common.load_checkpoint(checkpoint)
+    state = checkpoint_file.load_checkpoint(checkpoint)
     keys = state.get("model", {})
     if "rank_head.weight" not in keys and "itm_head.weight" not in keys or "model_config" not in state:
         raise EvaluationError(f"{checkpoint}: neither a retrieval nor a pre-training checkpoint (no rank or ITM "
@@ -555,9 +344,7 @@ HEAD_SOURCES = {"itm": "a pre-training checkpoint (pretrain.py's final.pt)",
 def load_for_inference(checkpoint, head=None, device=""):
     """A checkpoint's model in eval mode on `device`, with its own tokenizer (the vocabulary
     saved in it). `head` ("itm" or "vqa"), if given, must be one of the model's heads."""
-    import common
-
-    state = common.load_checkpoint(checkpoint)
+    state = checkpoint_file.load_checkpoint(checkpoint)
     heads = state["model_config"]["heads"]
     if head is not None and head not in heads:
         raise EvaluationError(f"{checkpoint}: this model's heads are {list(heads)}, not {head!r}; "
@@ -569,9 +356,6 @@ def load_for_inference(checkpoint, head=None, device=""):
 def image_text_batch(image, text, tokenizer, state, device):
     """One (image file, text) pair as a batch of one, the image resized as in the checkpoint's
     training run."""
-    import common
-    import data
-
     if not text.strip():
         raise EvaluationError("the text is empty")
     pixels = data.image_tensor(image, state["config"]["image_min_size"], state["config"]["image_max_size"])
@@ -580,8 +364,6 @@ def image_text_batch(image, text, tokenizer, state, device):
 
 
 def run_pooled(model, batch):
-    import torch
-
     with torch.no_grad():
         return model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"])[1]
 
@@ -623,8 +405,6 @@ def word_pixel_attention(model, batch, tokenizer, layer=0):
     and renormalised there (each map sums to 1), then averaged over the pieces. Returns
     (words, maps (n_words, h, w) on the pixel-token grid, pixel_share (n_words,): the part of
     the attention that went to pixels rather than text)."""
-    import torch
-
     if not 0 <= layer < model.config.num_layers:
         raise EvaluationError(f"--layer {layer}: this model has layers 0..{model.config.num_layers - 1}")
     self_attention, seen = model.bert.encoder.layer[layer].attention.self, {}
@@ -656,9 +436,6 @@ def draw_attention(image, words, maps, share, cell, out):
     """A PNG sheet: the image as the model saw it, then a panel per word with its map as a red
     overlay (each scaled to its own maximum), labelled with the word and its pixel share.
     image: the resized RGB PIL image; maps (n, h, w), each token covering cell x cell pixels."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     W, H = image.size
     label, columns = 14, min(len(words) + 1, 6)
     sheet = Image.new("RGB", (columns * W, -(-(len(words) + 1) // columns) * (H + label)), "white")
@@ -680,8 +457,6 @@ def draw_attention(image, words, maps, share, cell, out):
 def attention_map(checkpoint, image, text, out=None, layer=0, device=""):
     """evaluate.py attention: writes the Figure 3 sheet for one image and text to `out`
     (default: attention_<image name>.png beside the checkpoint) and returns the numbers drawn."""
-    import data
-
     model, tokenizer, state, device = load_for_inference(checkpoint, None, device)
     batch = image_text_batch(image, text, tokenizer, state, device)
     words, maps, share = word_pixel_attention(model, batch, tokenizer, layer)
@@ -707,7 +482,7 @@ def main(argv=None):
     vqa.add_argument("--batch-size", type=int, default=32, help="images per batch (all their questions)")
     vqa.add_argument("--num-workers", type=int, default=2)
     vqa.add_argument("--device", default="")
-    vqa.add_argument("--dtype", default="auto", choices=DTYPES)
+    vqa.add_argument("--dtype", default="auto", choices=common.DTYPES)
     ret = commands.add_parser("retrieval", help="full-protocol image-text retrieval recall of a checkpoint")
     ret.add_argument("--checkpoint", required=True, help="finetune_retrieval.py's best.pt (or pretrain.py's final.pt: "
                                                          "zero-shot by ITM)")
@@ -721,11 +496,15 @@ def main(argv=None):
     ret.add_argument("--batch-size", type=int, default=1024, help="(image, caption) pairs per transformer batch")
     ret.add_argument("--num-workers", type=int, default=2)
     ret.add_argument("--device", default="")
-    ret.add_argument("--dtype", default="auto", choices=DTYPES)
+    ret.add_argument("--dtype", default="auto", choices=common.DTYPES)
     score = commands.add_parser("vqa-score", help="official VQA accuracy of a predictions file")
     score.add_argument("--predictions", required=True)
     score.add_argument("--questions", required=True)
     score.add_argument("--annotations", required=True)
+    for command in (vqa, score):
+        command.add_argument("--vqa-rules", default="current", choices=VQA_RULES,
+                             help="the official tool's answer processing: current (GT-Vision-Lab/VQA since its 2021 "
+                                  "fix, the default) or 2017 (its earlier copy, for comparison with older numbers)")
     nlvr2 = commands.add_parser("nlvr2", help="evaluate a finetune_nlvr.py checkpoint; writes the predictions CSV")
     nlvr2.add_argument("--checkpoint", required=True)
     nlvr2.add_argument("--data-root", required=True)
@@ -734,7 +513,7 @@ def main(argv=None):
     nlvr2.add_argument("--batch-size", type=int, default=16, help="examples per batch (two images each)")
     nlvr2.add_argument("--num-workers", type=int, default=2)
     nlvr2.add_argument("--device", default="")
-    nlvr2.add_argument("--dtype", default="auto", choices=DTYPES)
+    nlvr2.add_argument("--dtype", default="auto", choices=common.DTYPES)
     nlvr2_score_cli = commands.add_parser("nlvr2-score", help="the official NLVR2 accuracy and consistency of a "
                                                               "predictions CSV")
     nlvr2_score_cli.add_argument("--predictions", required=True, help="CSV lines identifier,True|False")
@@ -751,10 +530,9 @@ def main(argv=None):
             one.add_argument("--layer", type=int, default=0, help="Transformer layer, 0 = the first")
             one.add_argument("--out", help="PNG path (default: beside the checkpoint)")
     args = parser.parse_args(argv)
-    from data import DataError  # here, not at the top: data.py imports this module's metric
     try:
         if args.command == "vqa-score":
-            result = score_files(args.predictions, args.questions, args.annotations)
+            result = score_files(args.predictions, args.questions, args.annotations, args.vqa_rules)
         elif args.command == "match":
             result = match_probability(args.checkpoint, args.image, args.text, args.device)
         elif args.command == "ask":
@@ -773,14 +551,13 @@ def main(argv=None):
         else:
             result = evaluate_vqa_checkpoint(args.checkpoint, args.data_root, args.split, args.out, args.batch_size,
                                              args.num_workers, args.device, args.dtype, args.minival_images,
-                                             args.ans2label)
+                                             args.ans2label, args.vqa_rules)
             result = result if isinstance(result, dict) else {"submission": result}
-    except (EvaluationError, DataError, FileNotFoundError) as e:
+    except (EvaluationError, data.DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result, indent=2))
     if not args.command.endswith("-score"):  # checkpoint commands may run under torchrun
-        import torch.distributed as dist
         if dist.is_initialized():  # leave together: a process exiting while gloo talks to it aborts the other
             dist.barrier()
             dist.destroy_process_group()

@@ -16,16 +16,18 @@ the same command with --resume continues exactly (README: Reliability).
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+import checkpoint
 import common
 import data
-from evaluate import nlvr2_score
-from model import make_optimizers
+from evaluate import nlvr2_eval_loader, predict_nlvr2
+from metrics import nlvr2_score
+from model import make_optimizers, nlvr2_loss
 
 
 @dataclass
@@ -91,36 +93,6 @@ PRESETS = {"demo": dict(model="tiny", init="runs/demo_pretrain/final.pt", image_
                         ckpt_every=500, out_dir="runs/demo_nlvr")}
 
 
-def nlvr_logits(model, head, batch):
-    """(B, 2) logits (false, true) of B examples = 2B rows (see data.collate_nlvr2)."""
-    _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"])  # (2B, H)
-    return head(pooled.view(-1, 2 * pooled.shape[-1]))  # [left CLS, right CLS] (B, 2H) -> (B, 2)
-
-
-def predict(model, loader, identifiers, ddp, dtype, channels_last=True):
-    """{identifier: "True" | "False"} for every example of the loader, gathered from all processes."""
-    model.eval()
-    predictions = {}
-    with torch.no_grad():
-        for batch in loader:
-            batch = common.batch_to_device(batch, ddp.device, channels_last)
-            with common.autocast(ddp.device, dtype):
-                true = nlvr_logits(model, model.nlvr_head, batch).argmax(-1)
-            predictions.update({identifiers[i]: str(bool(t)) for i, t in zip(batch["index"].tolist(), true.tolist())})
-    if dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, predictions)
-        predictions = {k: v for part in gathered for k, v in part.items()}
-    return predictions
-
-
-def eval_loader(dataset, batch_size, ddp, num_workers):
-    """Every example once, split across processes."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=range(ddp.rank, len(dataset),
-                                                                                      ddp.world_size),
-                                       collate_fn=data.collate_nlvr2, num_workers=num_workers)
-
-
 def majority_baseline(records):
     """Accuracy and consistency (percent) of always answering the most frequent label."""
     true = sum(r["label"] == "True" for r in records)
@@ -132,16 +104,15 @@ def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
     if cfg.data not in ("demo", "nlvr2"):
         raise SystemExit(f"--data {cfg.data}: choose demo or nlvr2")
-    common.run_demo_pretraining_if_missing(cfg)
     ddp = common.setup_distributed(cfg.device)
     cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
     accum, _ = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size, 1, "")
-    common.prepare_out_dir(cfg.out_dir, cfg.resume)
+    checkpoint.prepare_out_dir(cfg.out_dir, cfg.resume)
 
     # ---- data: the official JSON Lines files; each example is a sentence and two images
-    init_state, tokenizer = common.init_and_tokenizer(cfg)
+    init_state, tokenizer = checkpoint.init_and_tokenizer(cfg)
     train_records = data.read_nlvr2(cfg.data_root, cfg.train_split, cfg.skip_bad_images)
     eval_records = data.read_nlvr2(cfg.data_root, cfg.eval_split)
     identifiers = [r["identifier"] for r in eval_records]
@@ -152,7 +123,7 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=data.collate_nlvr2,
                                          num_workers=cfg.num_workers, pin_memory=ddp.device.type == "cuda",
                                          persistent_workers=cfg.num_workers > 0)
-    held_out = eval_loader(eval_set, cfg.batch_size, ddp, cfg.num_workers)
+    held_out = nlvr2_eval_loader(eval_set, cfg.batch_size, ddp, cfg.num_workers)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps, milestones = common.schedule(cfg.epochs, cfg.max_steps, cfg.lr_milestones, steps_per_epoch)
     baseline = majority_baseline(eval_records)
@@ -170,7 +141,7 @@ def main(argv=None):
                                  cfg.weight_decay, fused=ddp.device.type == "cuda" or None,
                                  cnn_optimizer=cfg.cnn_optimizer)
     scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
-    state = common.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}
+    state = checkpoint.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}
     step, best = state.get("step", 0), state.get("best", {"accuracy": -1.0})
     skipped_steps = state.get("skipped_steps", 0)  # fp16 steps the scaler skipped, over the whole run
     model = common.wrap_model(raw_model, ddp, cfg.compile)
@@ -178,21 +149,14 @@ def main(argv=None):
 
     def checkpoint_state():
         return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() if o else None for o in optimizers],
-                "scaler": scaler.state_dict(), "step": step, "rng": common.rng_state(), "config": asdict(cfg),
+                "scaler": scaler.state_dict(), "step": step, "rng": checkpoint.rng_state(), "config": asdict(cfg),
                 "model_config": asdict(raw_model.config), "vocab": tokenizer.vocab_tokens(), "best": best,
                 "task": "nlvr", "skipped_steps": skipped_steps}
 
     def evaluate():
-        predictions = predict(raw_model, held_out, identifiers, ddp, cfg.dtype, cfg.channels_last)
+        predictions = predict_nlvr2(raw_model, held_out, identifiers, ddp, cfg.dtype, cfg.channels_last)
         model.train()
         return nlvr2_score(predictions, eval_records, f"{cfg.eval_split} predictions")
-
-    def nlvr_loss(batch, num_examples):
-        """Cross-entropy summed over the micro-batch's examples and divided by the number of
-        examples in the global batch (so accumulation and processes do not change it)."""
-        with common.autocast(ddp.device, cfg.dtype):
-            logits = nlvr_logits(model, raw_model.nlvr_head, batch)
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")[None] / num_examples
 
     # ---- training loop
     log = common.MetricLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ddp.is_main)
@@ -202,21 +166,40 @@ def main(argv=None):
     model.train()
     bar = common.Progress(total_steps, step, ddp.is_main)
     t_last, step_last = time.time(), step
-    preemption, bad_images = common.Preemption(), common.BadImages()
+    preemption, bad_images = checkpoint.Preemption(), common.BadImages()
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, first)  # the data resumes mid-epoch exactly where it stopped
         micro_batches = iter(loader)
         for _ in range(first, steps_per_epoch):
-            common.seed_step(cfg.seed, ddp.rank, step)
+            checkpoint.seed_step(cfg.seed, ddp.rank, step)
             micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last) for _ in range(accum)]
             for b in micro:
                 bad_images.note(b)
             num_examples = common.all_reduce_sum(torch.tensor(sum(len(b["labels"]) for b in micro),
                                                               device=ddp.device, dtype=torch.float))
             common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
-            (total,), grad_norm = common.train_step(model, micro, lambda b: nlvr_loss(b, num_examples), optimizers,
-                                                    scaler, raw_model.parameters(), cfg.grad_clip, cfg.out_dir, step)
+            totals = torch.zeros(1, device=ddp.device)  # the loss summed over micro-batches and processes
+            for i, batch in enumerate(micro):
+                # DDP all-reduces the gradients in backward(); the earlier micro-batches skip it
+                with model.no_sync() if ddp.world_size > 1 and i < accum - 1 else nullcontext():
+                    with common.autocast(ddp.device, cfg.dtype):
+                        # 2B rows: each example's sentence with its left image, then with its right image
+                        _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"])
+                        loss = nlvr2_loss(raw_model, pooled, batch["labels"], num_examples)
+                    # DDP averages gradients over processes; the loss is a global mean already
+                    scaler.scale(loss.sum() * ddp.world_size).backward()
+                totals += loss.detach()
+            common.all_reduce_sum(totals)
+            for opt in filter(None, optimizers):
+                scaler.unscale_(opt)  # fp16: clip the true gradients
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            checkpoint.stop_if_diverged(step, cfg.out_dir, totals, grad_norm, scaler)
+            for opt in filter(None, optimizers):
+                scaler.step(opt)  # fp16: skipped when a gradient overflowed
+            scaler.update()
+            for opt in filter(None, optimizers):
+                opt.zero_grad(set_to_none=True)
             step += 1
             skipped_steps += not torch.isfinite(grad_norm).item()  # fp16: the scaler skipped an overflowing step
             stop = preemption.requested(ddp.device)  # every rank stops after the same step
@@ -225,8 +208,8 @@ def main(argv=None):
                 rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
                 t_last, step_last = time.time(), step
                 lr = optimizers[-1].param_groups[0]["lr"]
-                bar.show(step, ce=f"{total:.3f}", lr=f"{lr:.2e}", examples_s=f"{rate:.1f}")
-                log.write(step=step, epoch=step / steps_per_epoch, loss=total.item(), lr=lr,
+                bar.show(step, ce=f"{totals[0]:.3f}", lr=f"{lr:.2e}", examples_s=f"{rate:.1f}")
+                log.write(step=step, epoch=step / steps_per_epoch, loss=totals[0].item(), lr=lr,
                           grad_norm=grad_norm.item(), skipped_steps=skipped_steps, examples_per_s=rate)
             # held-out accuracy each epoch, best kept; a stop signal skips it: the checkpoint comes first
             if (step % steps_per_epoch == 0 or step == total_steps) and not stop:
@@ -237,9 +220,9 @@ def main(argv=None):
                 if metrics["accuracy"] > best["accuracy"]:
                     best = {**metrics, "step": step}
                     if ddp.is_main:
-                        common.save_weights(checkpoint_state(), os.path.join(cfg.out_dir, "best.pt"))
+                        checkpoint.save_weights(checkpoint_state(), os.path.join(cfg.out_dir, "best.pt"))
             if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps or stop):
-                common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
+                checkpoint.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
             if stop:
                 bar.close()
                 preemption.exit(cfg.out_dir, step)

@@ -18,19 +18,19 @@ transformer over batches of pairs) and retrieval_scores (both, sharded over proc
 """
 
 import os
-import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from tqdm import tqdm
 
+import checkpoint
 import common
 import data
-from evaluate import retrieval_recall
-from model import make_optimizers
+from evaluate import retrieval_scores
+from metrics import retrieval_recall
+from model import hard_negative_loss, make_optimizers, rank_scores
 
 
 @dataclass
@@ -96,146 +96,8 @@ PRESETS = {"demo": dict(model="tiny", init="runs/demo_pretrain/final.pt", image_
            "coco": dict(epochs=4, lr_milestones="2")}
 
 
-# -----------------------------------------------------------------------------
-# The ranking loss
-
-
-def rank_scores(model, pooled):
-    """The rank head on pooled [CLS] vectors (B, hidden) -> (B,) scores, in fp32 even under
-    autocast: bf16 keeps 8 significant bits, so thousands of candidates would tie."""
-    with torch.autocast(pooled.device.type, enabled=False):
-        return model.rank_head(pooled.float()).squeeze(-1)
-
-
-def hard_negative_loss(score, candidates, num_hard):
-    """Softmax cross-entropy of ranking (paper 4.4) over the ground truth and its num_hard
-    highest-scoring negatives, summed over images.
-    candidates (B, C): row numbers of one image's pairs, ground truth in column 0, then its
-    negatives; score(rows (n,)) -> (n,) scores of those pairs. Every candidate is scored without
-    gradient to find the hardest; the ground truth and those are scored again with gradient, so
-    only 1 + num_hard pairs per image are back-propagated (the paper's "gradient only through
-    the 5 hardest"; with dropout, the two passes draw different masks). The easier negatives are
-    left out of the softmax, not kept in it as constants: with constants in the denominator,
-    raising every trained score alike lowers the loss, so training drifts all scores up until
-    the pooler's tanh saturates and [CLS] stops depending on the caption (measured on the demo
-    from weak starting points: the loss froze at ln 21, R@1 fell to 0). Over the chosen
-    candidates the loss is shift-invariant, as the full softmax is; the negatives it leaves out
-    are the ones the model already scores lowest. (Where the model cannot tell the positive from
-    its hardest negatives at all, the loss still settles at ln(1 + num_hard), every score alike.)"""
-    B, C = candidates.shape
-    with torch.no_grad():
-        every = score(candidates.flatten()).float().view(B, C)  # (B, C)
-    hard = every[:, 1:].topk(min(num_hard, C - 1), dim=1).indices + 1  # (B, num_hard) columns
-    chosen = torch.cat([torch.zeros_like(hard[:, :1]), hard], dim=1)  # (B, 1 + num_hard), ground truth first
-    logits = score(candidates.gather(1, chosen).flatten()).float().view(B, -1)
-    return F.cross_entropy(logits, torch.zeros(B, dtype=torch.long, device=logits.device), reduction="sum")
-
-
-# -----------------------------------------------------------------------------
-# Full-protocol scoring: every image against every caption
-
-
-@torch.no_grad()
-def encode_images(model, root, paths, rows, min_size, max_size, device, dtype="auto", num_workers=2,
-                  channels_last=True, image_batch=32):
-    """Pixel tokens of the images `rows` of `paths`: a list of (K_i, hidden) tensors (only the
-    real tokens), one CNN pass per image. Images are batched only with images of the same padded
-    size, so each is encoded exactly as it would be alone: a larger neighbour's padding would
-    change the CNN's features along the border (its receptive field reaches into the padding)."""
-    dataset = torch.utils.data.Subset(data.ImageFiles(root, paths, min_size, max_size), list(rows))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
-    position = {row: k for k, row in enumerate(rows)}
-    pixels, buckets = [None] * len(rows), {}
-
-    def flush(shape):
-        batch = data.collate([{"image": image} for _, image in buckets[shape]])
-        batch = common.batch_to_device(batch, device, channels_last)
-        with common.autocast(device, dtype):
-            tokens, pixel_mask = model.encode_image(batch["images"], batch["image_mask"])
-        for (row, _), t, m in zip(buckets.pop(shape), tokens, pixel_mask):
-            pixels[position[row]] = t[m].float()  # (K_i, hidden), raster order
-    for row, image in loader:
-        shape = tuple(-(-s // data.PAD_MULTIPLE) for s in image.shape[1:])
-        buckets.setdefault(shape, []).append((row, image))
-        if len(buckets[shape]) == image_batch:
-            flush(shape)
-    for shape in list(buckets):
-        flush(shape)
-    return pixels
-
-
-def caption_batches(captions, pairs_per_batch, device):
-    """All captions as padded (input_ids, text_mask) batches, prepared once. Sorted by length,
-    so a batch's padding is small; yields (caption rows, input_ids, text_mask)."""
-    order = sorted(range(len(captions)), key=lambda c: len(captions.input_ids(c)))
-    batches = []
-    for k in range(0, len(order), pairs_per_batch):
-        rows = order[k: k + pairs_per_batch]
-        batch = data.collate([{"input_ids": captions.input_ids(c)} for c in rows])
-        batches.append((torch.tensor(rows, device=device), batch["input_ids"].to(device),
-                        batch["text_mask"].to(device)))
-    return batches
-
-
-@torch.no_grad()
-def score_images(model, pixels, batches, num_captions, dtype="auto", bar=None):
-    """(len(pixels), num_captions) scores of cached pixel tokens against every caption: the
-    transformer alone. Each batch pairs one image with up to pairs_per_batch captions."""
-    device = batches[0][1].device
-    scores = torch.empty(len(pixels), num_captions, device=device)
-    for r, tokens in enumerate(pixels):
-        tokens = tokens.to(device)[None]  # (1, K, hidden)
-        pixel_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device)
-        for rows, input_ids, text_mask in batches:
-            with common.autocast(device, dtype):
-                _, pooled = model(input_ids, text_mask, pixels=(tokens, pixel_mask),
-                                  image_index=torch.zeros(len(rows), dtype=torch.long, device=device))
-            scores[r, rows] = rank_scores(model, pooled)
-            if bar is not None:
-                bar.update(len(rows))
-    return scores
-
-
-def retrieval_scores(model, root, captions, ddp, min_size, max_size, dtype="auto", pairs_per_batch=1024,
-                     num_workers=2, channels_last=True, progress=True):
-    """The full protocol: (I, C) scores of every image of `captions` (a data.RetrievalCaptions)
-    against every caption, on every process. Process r encodes and scores images r, r + W, ...;
-    the rows are gathered at the end. Returns the scores and the seconds spent encoding images
-    and in the transformer."""
-    model.eval()
-    I, C, W = len(captions.image_paths), len(captions), ddp.world_size
-    rows = range(ddp.rank, I, W)
-    sync = torch.cuda.synchronize if ddp.device.type == "cuda" else (lambda: None)
-    t0 = time.time()
-    pixels = encode_images(model, root, captions.image_paths, rows, min_size, max_size, ddp.device, dtype,
-                           num_workers, channels_last)
-    sync()
-    t1 = time.time()
-    batches = caption_batches(captions, pairs_per_batch, ddp.device)
-    bar = tqdm(total=len(rows) * C, disable=not (progress and ddp.is_main), unit="pair", unit_scale=True,
-               dynamic_ncols=True, desc=f"scoring {I}x{C}" + (f" ({W} processes)" if W > 1 else ""),
-               mininterval=0.1 if sys.stderr.isatty() else 60)  # in a log file: one redraw a minute
-    mine = score_images(model, pixels, batches, C, dtype, bar)
-    bar.close()
-    sync()
-    t2 = time.time()
-    if W > 1:  # equal shapes for all_gather: pad every process to the largest share
-        padded = torch.zeros(-(-I // W), C, device=ddp.device)
-        padded[: len(rows)] = mine
-        gathered = [torch.empty_like(padded) for _ in range(W)]
-        dist.all_gather(gathered, padded)
-        mine = torch.empty(I, C, device=ddp.device)
-        for r in range(W):
-            mine[r::W] = gathered[r][: len(range(r, I, W))]
-    return mine.cpu(), {"encode_s": t1 - t0, "transformer_s": t2 - t1, "total_s": time.time() - t0}
-
-
-# -----------------------------------------------------------------------------
-
-
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
-    common.run_demo_pretraining_if_missing(cfg)
     ddp = common.setup_distributed(cfg.device)
     cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
     common.print0(f"config: {asdict(cfg)}")
@@ -246,10 +108,10 @@ def main(argv=None):
     dataset = "flickr30k" if cfg.data == "demo" else cfg.data  # the demo corpus is written in Flickr30K's format
     if dataset not in ("flickr30k", "coco"):
         raise SystemExit(f"--data {cfg.data}: choose demo, flickr30k or coco")
-    common.prepare_out_dir(cfg.out_dir, cfg.resume)
+    checkpoint.prepare_out_dir(cfg.out_dir, cfg.resume)
 
     # ---- data: Karpathy train (COCO: + restval) for training, val for model selection, test at the end
-    init_state, tokenizer = common.init_and_tokenizer(cfg)
+    init_state, tokenizer = checkpoint.init_and_tokenizer(cfg)
     train_captions = data.RetrievalCaptions(data.retrieval_entries(cfg.data_root, dataset, "train",
                                                                    cfg.skip_bad_images), tokenizer)
     val_captions = data.RetrievalCaptions(data.retrieval_entries(cfg.data_root, dataset, "val")[: cfg.eval_images],
@@ -285,8 +147,9 @@ def main(argv=None):
     _, adamw = make_optimizers(raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                fused=ddp.device.type == "cuda" or None)
     optimizers = [adamw]
+    trained = [p for p in raw_model.parameters() if p.requires_grad]  # clipped together
     scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
-    state = common.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}
+    state = checkpoint.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}
     step, best = state.get("step", 0), state.get("best", {"rsum": -1.0})
     skipped_steps = state.get("skipped_steps", 0)  # fp16 steps the scaler skipped, over the whole run
     model = common.wrap_model(raw_model, ddp, cfg.compile)
@@ -298,35 +161,19 @@ def main(argv=None):
 
     def checkpoint_state():
         return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                "scaler": scaler.state_dict(), "step": step, "rng": common.rng_state(), "config": asdict(cfg),
+                "scaler": scaler.state_dict(), "step": step, "rng": checkpoint.rng_state(), "config": asdict(cfg),
                 "model_config": asdict(raw_model.config), "vocab": tokenizer.vocab_tokens(), "best": best,
                 "task": "retrieval", "skipped_steps": skipped_steps}
 
     def save_best():
         if ddp.is_main:
-            common.save_weights(checkpoint_state(), os.path.join(cfg.out_dir, "best.pt"))
+            checkpoint.save_weights(checkpoint_state(), os.path.join(cfg.out_dir, "best.pt"))
 
     def evaluate(captions):
         scores, _ = retrieval_scores(raw_model, cfg.data_root, captions, ddp, cfg.image_min_size, cfg.image_max_size,
                                      cfg.dtype, cfg.eval_pairs, cfg.num_workers, cfg.channels_last, progress=False)
         train_mode()
         return retrieval_recall(scores, captions.caption_image)
-
-    def ranking_loss(batch, num_images):
-        """hard_negative_loss over this micro-batch's images, divided by the images of the whole
-        global batch (fewer than --global-batch when --skip-bad-images dropped some). The frozen
-        CNN runs once per image; the graph starts at the visual embedding."""
-        with common.autocast(ddp.device, cfg.dtype):
-            pixels = raw_model.encode_image(batch["images"], batch["image_mask"])
-
-        def score(rows):
-            with common.autocast(ddp.device, cfg.dtype):
-                _, pooled = model(batch["input_ids"][rows], batch["text_mask"][rows], pixels=pixels,
-                                  image_index=batch["image_index"][rows])
-            return rank_scores(raw_model, pooled)
-        # collate puts an image's 1 + negatives texts in consecutive rows, ground truth first
-        candidates = torch.arange(len(batch["input_ids"]), device=ddp.device).view(-1, 1 + cfg.negatives)
-        return hard_negative_loss(score, candidates, cfg.hard_negatives)[None] / num_images
 
     # ---- training loop
     log = common.MetricLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ddp.is_main)
@@ -341,23 +188,49 @@ def main(argv=None):
     train_mode()
     bar = common.Progress(total_steps, step, ddp.is_main)
     t_last, step_last = time.time(), step
-    preemption, bad_images = common.Preemption(), common.BadImages()
+    preemption, bad_images = checkpoint.Preemption(), common.BadImages()
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, first)  # the data resumes mid-epoch exactly where it stopped
         micro_batches = iter(loader)
         for _ in range(first, steps_per_epoch):
-            common.seed_step(cfg.seed, ddp.rank, step)
+            checkpoint.seed_step(cfg.seed, ddp.rank, step)
             micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last) for _ in range(accum)]
             for b in micro:
                 bad_images.note(b)
             num_images = common.all_reduce_sum(torch.tensor(sum(len(b["images"]) for b in micro), device=ddp.device,
                                                             dtype=torch.float))
             common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
-            (total,), grad_norm = common.train_step(model, micro, lambda b: ranking_loss(b, num_images),
-                                                    optimizers, scaler, [p for p in raw_model.parameters()
-                                                                         if p.requires_grad],
-                                                    cfg.grad_clip, cfg.out_dir, step)
+            totals = torch.zeros(1, device=ddp.device)  # the loss summed over micro-batches and processes
+            for i, batch in enumerate(micro):
+                # DDP all-reduces the gradients in backward(); the earlier micro-batches skip it
+                with model.no_sync() if ddp.world_size > 1 and i < accum - 1 else nullcontext():
+                    with common.autocast(ddp.device, cfg.dtype):
+                        # the frozen CNN runs once per image; the graph starts at the visual embedding
+                        pixels = raw_model.encode_image(batch["images"], batch["image_mask"])
+
+                    def score(rows):  # (n,) rows of the micro-batch -> (n,) scores of those image-caption pairs
+                        with common.autocast(ddp.device, cfg.dtype):
+                            _, pooled = model(batch["input_ids"][rows], batch["text_mask"][rows], pixels=pixels,
+                                              image_index=batch["image_index"][rows])
+                        return rank_scores(raw_model, pooled)
+                    # collate puts an image's 1 + negatives captions in consecutive rows, ground truth first
+                    candidates = torch.arange(len(batch["input_ids"]), device=ddp.device).view(-1, 1 + cfg.negatives)
+                    # per image of the global batch (fewer than --global-batch when --skip-bad-images dropped some)
+                    loss = hard_negative_loss(score, candidates, cfg.hard_negatives)[None] / num_images
+                    # DDP averages gradients over processes; the loss is a global mean already
+                    scaler.scale(loss.sum() * ddp.world_size).backward()
+                totals += loss.detach()
+            common.all_reduce_sum(totals)
+            for opt in optimizers:
+                scaler.unscale_(opt)  # fp16: clip the true gradients
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip or float("inf"))
+            checkpoint.stop_if_diverged(step, cfg.out_dir, totals, grad_norm, scaler)
+            for opt in optimizers:
+                scaler.step(opt)  # fp16: skipped when a gradient overflowed
+            scaler.update()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             step += 1
             skipped_steps += not torch.isfinite(grad_norm).item()  # fp16: the scaler skipped an overflowing step
             stop = preemption.requested(ddp.device)  # every rank stops after the same step
@@ -366,8 +239,8 @@ def main(argv=None):
                 rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
                 t_last, step_last = time.time(), step
                 lr = adamw.param_groups[0]["lr"]
-                bar.show(step, loss=f"{total:.3f}", lr=f"{lr:.2e}", images_s=f"{rate:.1f}")
-                log.write(step=step, epoch=step / steps_per_epoch, loss=total.item(), lr=lr,
+                bar.show(step, loss=f"{totals[0]:.3f}", lr=f"{lr:.2e}", images_s=f"{rate:.1f}")
+                log.write(step=step, epoch=step / steps_per_epoch, loss=totals[0].item(), lr=lr,
                           grad_norm=grad_norm.item(), skipped_steps=skipped_steps, images_per_s=rate)
             # validation recall each epoch, best kept; a stop signal skips it: the checkpoint comes first
             if (step % steps_per_epoch == 0 or step == total_steps) and not stop:
@@ -378,7 +251,7 @@ def main(argv=None):
                     best = {**metrics, "step": step}
                     save_best()
             if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps or stop):
-                common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
+                checkpoint.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
             if stop:
                 bar.close()
                 preemption.exit(cfg.out_dir, step)
@@ -392,7 +265,7 @@ def main(argv=None):
     # ---- the best checkpoint (by validation R-sum) on the test split, full protocol
     if ddp.world_size > 1:
         dist.barrier()  # rank 0 has written best.pt
-    raw_model.load_state_dict(common.load_checkpoint(os.path.join(cfg.out_dir, "best.pt"))["model"])
+    raw_model.load_state_dict(checkpoint.load_checkpoint(os.path.join(cfg.out_dir, "best.pt"))["model"])
     test = evaluate(test_captions)
     log.write(step=step, best_step=best["step"], test=test)
     if ddp.is_main:

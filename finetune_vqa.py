@@ -16,16 +16,18 @@ the same command with --resume continues exactly (README: Reliability).
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+import checkpoint
 import common
 import data
-from evaluate import vqa_score
-from model import make_optimizers
+from evaluate import predict_vqa, vqa_eval_loader
+from metrics import vqa_score
+from model import make_optimizers, vqa_loss
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Config:
     eval_split: str = "minival"  # val | minival (held out of val; model selection)
     minival_images: int = 5000  # val2014 images held out as minival
     min_answer_count: int = 9  # answer vocabulary: normalised answers seen this often (3,129 on VQA v2)
+    vqa_rules: str = "current"  # answer processing of the official VQA tool for the soft targets and the held-out
+    # accuracy: current (GT-Vision-Lab/VQA since its 2021 fix) | 2017 (the older copy, for comparison with old numbers)
     # batch and schedule: 256 questions, 18 epochs, lr / 10 at epochs 12 and 16 (paper 4.2)
     batch_size: int = 32  # questions per process and micro-step
     global_batch: int = 256
@@ -97,50 +101,8 @@ PRESETS = {"demo": dict(model="tiny", init="runs/demo_pretrain/final.pt", image_
                         out_dir="runs/demo_vqa")}
 
 
-def vqa_loss(model, raw_model, batch, num_questions, device, dtype):
-    """Binary cross-entropy against the soft targets, summed over answers and divided by the
-    number of questions in the global batch (so accumulation and processes do not change it).
-    `model` runs the forward (DDP- or compile-wrapped), `raw_model` owns the head. bench.py
-    times this too."""
-    with common.autocast(device, dtype):
-        _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
-                          image_index=batch["image_index"])
-        logits = raw_model.vqa_head(pooled)
-    bce = F.binary_cross_entropy_with_logits(logits.float(), batch["targets"], reduction="sum")
-    return bce[None] / num_questions
-
-
-def predict(model, loader, answers, ddp, dtype, channels_last=True):
-    """Every question of the loader's dataset -> {"question_id", "answer"} (the submission
-    format), gathered from all processes. The most likely answer of the vocabulary wins."""
-    model.eval()
-    predictions = []
-    with torch.no_grad():
-        for batch in loader:
-            batch = common.batch_to_device(batch, ddp.device, channels_last)
-            with common.autocast(ddp.device, dtype):
-                _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
-                                  image_index=batch["image_index"])
-                best = model.vqa_head(pooled).argmax(-1)
-            predictions += [{"question_id": int(q), "answer": answers[int(a)]}
-                            for q, a in zip(batch["question_id"].tolist(), best.tolist())]
-    if dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, predictions)
-        predictions = [p for part in gathered for p in part]
-    return predictions
-
-
-def eval_loader(dataset, images_per_batch, ddp, num_workers):
-    """Each image once with all of its questions; images split across processes."""
-    firsts = dataset.first_questions()[ddp.rank:: ddp.world_size]
-    return torch.utils.data.DataLoader(dataset, batch_size=images_per_batch, sampler=[(0, int(i)) for i in firsts],
-                                       collate_fn=data.collate, num_workers=num_workers)
-
-
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
-    common.run_demo_pretraining_if_missing(cfg)
     ddp = common.setup_distributed(cfg.device)
     cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
     common.print0(f"config: {asdict(cfg)}")
@@ -151,10 +113,10 @@ def main(argv=None):
         raise SystemExit("--train-split is train or trainval; --eval-split is val or minival")
     if cfg.train_split == "trainval" and cfg.eval_split == "val":
         raise SystemExit("--train-split trainval contains most of val: evaluate on --eval-split minival")
-    common.prepare_out_dir(cfg.out_dir, cfg.resume)
+    checkpoint.prepare_out_dir(cfg.out_dir, cfg.resume)
 
     # ---- data: questions, the answer vocabulary (from train + val, as is standard), soft targets
-    init_state, tokenizer = common.init_and_tokenizer(cfg)
+    init_state, tokenizer = checkpoint.init_and_tokenizer(cfg)
     train_q, train_a = data.read_vqa(cfg.data_root, cfg.train_split, cfg.minival_images, cfg.skip_bad_images)
     eval_q, eval_a = data.read_vqa(cfg.data_root, cfg.eval_split, cfg.minival_images)
     # The vocabulary comes from all of train + val, whichever parts train and select.
@@ -171,7 +133,7 @@ def main(argv=None):
 
     def questions(qs, anns, per_image, skip_bad_images=False):
         return data.VQAQuestions(cfg.data_root, qs, anns, tokenizer, answer_to_label, cfg.image_min_size,
-                                 cfg.image_max_size, cfg.seed, per_image, skip_bad_images)
+                                 cfg.image_max_size, cfg.seed, per_image, skip_bad_images, cfg.vqa_rules)
 
     train_set = questions(train_q, train_a, cfg.questions_per_image, cfg.skip_bad_images)
     eval_set = questions(eval_q, eval_a, 0)
@@ -180,7 +142,7 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=data.collate,
                                          num_workers=cfg.num_workers, pin_memory=ddp.device.type == "cuda",
                                          persistent_workers=cfg.num_workers > 0)
-    held_out = eval_loader(eval_set, images_per_batch, ddp, cfg.num_workers)
+    held_out = vqa_eval_loader(eval_set, images_per_batch, ddp, cfg.num_workers)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps, milestones = common.schedule(cfg.epochs, cfg.max_steps, cfg.lr_milestones, steps_per_epoch)
     common.print0(f"data: {len(train_set):,} {cfg.train_split} questions, {len(eval_set):,} {cfg.eval_split} "
@@ -196,7 +158,7 @@ def main(argv=None):
                                  cfg.weight_decay, fused=ddp.device.type == "cuda" or None,
                                  cnn_optimizer=cfg.cnn_optimizer)
     scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
-    state = common.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}
+    state = checkpoint.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}
     step, best = state.get("step", 0), state.get("best", {"overall": -1.0})
     skipped_steps = state.get("skipped_steps", 0)  # fp16 steps the scaler skipped, over the whole run
     model = common.wrap_model(raw_model, ddp, cfg.compile)
@@ -204,14 +166,14 @@ def main(argv=None):
 
     def checkpoint_state():
         return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() if o else None for o in optimizers],
-                "scaler": scaler.state_dict(), "step": step, "rng": common.rng_state(), "config": asdict(cfg),
+                "scaler": scaler.state_dict(), "step": step, "rng": checkpoint.rng_state(), "config": asdict(cfg),
                 "model_config": asdict(raw_model.config), "vocab": tokenizer.vocab_tokens(), "answers": answers,
                 "best": best, "task": "vqa", "skipped_steps": skipped_steps}
 
     def evaluate():
-        predictions = predict(raw_model, held_out, answers, ddp, cfg.dtype, cfg.channels_last)
+        predictions = predict_vqa(raw_model, held_out, answers, ddp, cfg.dtype, cfg.channels_last)
         model.train()
-        return vqa_score(predictions, eval_a, f"{cfg.eval_split} predictions")
+        return vqa_score(predictions, eval_a, f"{cfg.eval_split} predictions", rules=cfg.vqa_rules)
 
     # ---- training loop
     log = common.MetricLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ddp.is_main)
@@ -221,22 +183,40 @@ def main(argv=None):
     model.train()
     bar = common.Progress(total_steps, step, ddp.is_main)
     t_last, step_last = time.time(), step
-    preemption, bad_images = common.Preemption(), common.BadImages()
+    preemption, bad_images = checkpoint.Preemption(), common.BadImages()
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, first)  # the data resumes mid-epoch exactly where it stopped
         micro_batches = iter(loader)
         for _ in range(first, steps_per_epoch):
-            common.seed_step(cfg.seed, ddp.rank, step)
+            checkpoint.seed_step(cfg.seed, ddp.rank, step)
             micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last) for _ in range(accum)]
             for b in micro:
                 bad_images.note(b)
             num_questions = common.all_reduce_sum(torch.tensor(sum(len(b["question_id"]) for b in micro),
                                                                device=ddp.device, dtype=torch.float))
             common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
-            (total,), grad_norm = common.train_step(
-                model, micro, lambda b: vqa_loss(model, raw_model, b, num_questions, ddp.device, cfg.dtype),
-                optimizers, scaler, raw_model.parameters(), cfg.grad_clip, cfg.out_dir, step)
+            totals = torch.zeros(1, device=ddp.device)  # the loss summed over micro-batches and processes
+            for i, batch in enumerate(micro):
+                # DDP all-reduces the gradients in backward(); the earlier micro-batches skip it
+                with model.no_sync() if ddp.world_size > 1 and i < accum - 1 else nullcontext():
+                    with common.autocast(ddp.device, cfg.dtype):
+                        _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
+                                          image_index=batch["image_index"])
+                        loss = vqa_loss(raw_model, pooled, batch["targets"], num_questions)
+                    # DDP averages gradients over processes; the loss is a global mean already
+                    scaler.scale(loss.sum() * ddp.world_size).backward()
+                totals += loss.detach()
+            common.all_reduce_sum(totals)
+            for opt in filter(None, optimizers):
+                scaler.unscale_(opt)  # fp16: clip the true gradients
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            checkpoint.stop_if_diverged(step, cfg.out_dir, totals, grad_norm, scaler)
+            for opt in filter(None, optimizers):
+                scaler.step(opt)  # fp16: skipped when a gradient overflowed
+            scaler.update()
+            for opt in filter(None, optimizers):
+                opt.zero_grad(set_to_none=True)
             step += 1
             skipped_steps += not torch.isfinite(grad_norm).item()  # fp16: the scaler skipped an overflowing step
             stop = preemption.requested(ddp.device)  # every rank stops after the same step
@@ -245,8 +225,8 @@ def main(argv=None):
                 rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
                 t_last, step_last = time.time(), step
                 lr = optimizers[-1].param_groups[0]["lr"]
-                bar.show(step, bce=f"{total:.3f}", lr=f"{lr:.2e}", questions_s=f"{rate:.1f}")
-                log.write(step=step, epoch=step / steps_per_epoch, loss=total.item(), lr=lr,
+                bar.show(step, bce=f"{totals[0]:.3f}", lr=f"{lr:.2e}", questions_s=f"{rate:.1f}")
+                log.write(step=step, epoch=step / steps_per_epoch, loss=totals[0].item(), lr=lr,
                           grad_norm=grad_norm.item(), skipped_steps=skipped_steps, questions_per_s=rate)
             # held-out accuracy each epoch, best kept; a stop signal skips it: the checkpoint comes first
             if (step % steps_per_epoch == 0 or step == total_steps) and not stop:
@@ -257,9 +237,9 @@ def main(argv=None):
                 if metrics["overall"] > best["overall"]:
                     best = {**metrics, "step": step}
                     if ddp.is_main:
-                        common.save_weights(checkpoint_state(), os.path.join(cfg.out_dir, "best.pt"))
+                        checkpoint.save_weights(checkpoint_state(), os.path.join(cfg.out_dir, "best.pt"))
             if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps or stop):
-                common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
+                checkpoint.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
             if stop:
                 bar.close()
                 preemption.exit(cfg.out_dir, step)

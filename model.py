@@ -44,11 +44,10 @@ class PixelBertConfig:
     initializer_range: float = 0.02
     # CNN: a torchvision ResNet / ResNeXt without its classifier
     cnn_depth: int = 50  # 18, 34, 50, 101 or 152
-    cnn_groups: int = 1  # ResNeXt cardinality (32 for X-152 32x8d)
-    cnn_width_per_group: int = 64  # ResNeXt bottleneck width per group (8 for 32x8d)
+    cnn_groups: int = 1  # ResNeXt cardinality (32 for X-152)
+    cnn_width_per_group: int = 64  # ResNeXt bottleneck width per group (8 for 32x8d, 4 for 32x4d)
     cnn_width: int = 64  # stem channels; stage i has cnn_width * 2**i planes (torchvision: 64)
-    norm: str = "frozen"  # BatchNorm: "frozen" (fixed ImageNet statistics), "batch" or "sync"
-    frozen_stages: int = 0  # 0: train all; 1: freeze the stem; 2: stem + layer1; ... (detectron2's FREEZE_AT)
+    norm: str = "frozen"  # BatchNorm: "frozen" (fixed ImageNet statistics) or "batch" (batch statistics)
     # Visual embedding (paper 3.2); the two extras are not in the paper and are off by default
     pixel_pool: int = 2  # max-pool of the stride-32 map (paper: 2x2; 1 keeps every cell)
     visual_layernorm: bool = False  # LayerNorm + dropout on the pixel tokens
@@ -64,7 +63,7 @@ class PixelBertConfig:
         assert not unknown, f"unknown heads {sorted(unknown)}"
         assert ("vqa" in self.heads) == (self.num_answers > 0), "the vqa head needs num_answers > 0"
         assert self.cnn_depth in RESNET_LAYERS, f"cnn_depth must be one of {sorted(RESNET_LAYERS)}"
-        assert self.norm in ("frozen", "batch", "sync"), "norm must be frozen, batch or sync"
+        assert self.norm in ("frozen", "batch"), "norm must be frozen or batch"
         assert self.pixel_pool >= 1, "pixel_pool must be >= 1"
         assert self.hidden_size % self.num_heads == 0, "hidden_size must divide into num_heads"
 
@@ -74,16 +73,18 @@ class PixelBertConfig:
         return cls(**overrides)
 
     @classmethod
-    def x152(cls, **overrides):
-        """The paper's Pixel-BERT-X152: ResNeXt-152 32x8d + BERT-base."""
-        return cls(**{**dict(cnn_depth=152, cnn_groups=32, cnn_width_per_group=8), **overrides})
+    def x152(cls, width_per_group=8, **overrides):
+        """The paper's Pixel-BERT-X152: ResNeXt-152 + BERT-base. The paper does not give the
+        ResNeXt's width, so both are here: width_per_group=8 builds 32x8d (detectron's X-152-32x8d,
+        the ResNeXt-152 usually paired with vision-language models), width_per_group=4 builds 32x4d
+        (the ResNeXt paper's template, which the FLOP counts ViLT reprints for Pixel-BERT-X152 fit better)."""
+        return cls(**{**dict(cnn_depth=152, cnn_groups=32, cnn_width_per_group=width_per_group), **overrides})
 
     @classmethod
     def tiny(cls, **overrides):
         """A laptop-CPU model for the demo corpus and the tests. It trains from scratch, so its
         BatchNorm learns batch statistics instead of keeping ImageNet's, and it starts from a
-        wider init (0.1, not BERT's 0.02): measured on the demo, that shortens the long plateau
-        before ITM starts to use the image from thousands of steps to a few hundred."""
+        wider init (0.1, not BERT's 0.02), which shortens the plateau before ITM starts to use the image."""
         tiny = dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, max_position_embeddings=64,
                     cnn_depth=18, cnn_width=16, norm="batch", initializer_range=0.1)
         return cls(**{**tiny, **overrides})
@@ -125,19 +126,6 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale.to(x.dtype)[:, None, None] + shift.to(x.dtype)[:, None, None]
 
 
-def conv_norm(conv, norm, x):
-    """norm(conv(x)). A frozen BatchNorm is a per-channel affine map, so it folds into the conv:
-    weights scaled per output channel, the shift as the conv's bias. That replaces two passes over
-    the conv's output in the forward (multiply, add) and one in the backward by one bias add:
-    the r50 pre-training step at 800x1333 on an H200 went from 143 to 152 pairs/s in bf16 and from
-    97 to 107 in fp32 (bench.py). torch.compile fuses the remaining elementwise work too."""
-    if not isinstance(norm, FrozenBatchNorm2d) or conv.bias is not None:
-        return norm(conv(x))
-    scale, shift = norm.scale_shift()
-    weight = conv.weight * scale[:, None, None, None]  # (out, in / groups, kh, kw): still a leaf's function
-    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -151,11 +139,22 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        identity = x if self.downsample is None else conv_norm(*self.downsample, x)
-        out = self.relu(conv_norm(self.conv1, self.bn1, x))
-        out = conv_norm(self.conv2, self.bn2, out)
+        identity = x
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+
+        if self.downsample is not None:
+            identity = self.downsample(x)
+
         out += identity  # in place, as torchvision: one activation-sized tensor less per block
-        return self.relu(out)
+        out = self.relu(out)
+
+        return out
 
 
 class Bottleneck(nn.Module):
@@ -176,12 +175,26 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        identity = x if self.downsample is None else conv_norm(*self.downsample, x)
-        out = self.relu(conv_norm(self.conv1, self.bn1, x))
-        out = self.relu(conv_norm(self.conv2, self.bn2, out))
-        out = conv_norm(self.conv3, self.bn3, out)
+        identity = x
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+
+        out = self.conv3(out)
+        out = self.bn3(out)
+
+        if self.downsample is not None:
+            identity = self.downsample(x)
+
         out += identity  # in place, as torchvision: one activation-sized tensor less per block
-        return self.relu(out)
+        out = self.relu(out)
+
+        return out
 
 
 class ResNet(nn.Module):
@@ -189,8 +202,9 @@ class ResNet(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        # The one place where the BatchNorm mode is decided (DESIGN.md).
-        norm_layer = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d, "sync": nn.SyncBatchNorm}[config.norm]
+        # "frozen" keeps an ImageNet CNN's statistics (FrozenBatchNorm2d says why); "batch" learns
+        # them, as a CNN trained from scratch must (the tiny model).
+        norm_layer = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}[config.norm]
         block = BasicBlock if config.cnn_depth < 50 else Bottleneck
         self.groups, self.base_width = config.cnn_groups, config.cnn_width_per_group
         w = config.cnn_width
@@ -211,10 +225,6 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        units = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
-        self.frozen = [m for unit in units[: config.frozen_stages] for m in unit]
-        for m in self.frozen:
-            m.requires_grad_(False)
 
     def _make_layer(self, block, planes, blocks, stride, norm_layer):
         downsample = None
@@ -227,15 +237,62 @@ class ResNet(nn.Module):
             layers.append(block(self.inplanes, planes, 1, None, self.groups, self.base_width, norm_layer))
         return nn.Sequential(*layers)
 
-    def train(self, mode=True):
-        super().train(mode)
-        for m in self.frozen:  # frozen stages also keep their BatchNorm statistics fixed
-            m.eval()
-        return self
-
     def forward(self, x):  # (B, 3, H, W) -> (B, C, H/32, W/32), sizes rounded up
-        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+
+        return x
+
+
+# Opt-in speed-up for norm="frozen": fold_frozen_batchnorm(model). A frozen BatchNorm is a
+# per-channel affine map, so bn(conv(x)) is one conv with the weight scaled per output channel and
+# the shift as its bias: two passes over the conv's output (multiply, add) in the forward and one
+# in the backward become one bias add. The forwards above stay as they are: each folded conv does
+# its norm's work and the norm passes its input through.
+
+
+class FoldedConv2d(nn.Conv2d):
+    """A bias-free conv that applies the FrozenBatchNorm2d after it (self.folded_norm) itself.
+    The weight is scaled on the fly, so the trained parameter is still the conv's own weight."""
+
+    def forward(self, x):
+        scale, shift = self.folded_norm.scale_shift()  # (out,), (out,)
+        weight = self.weight * scale[:, None, None, None]  # (out, in / groups, kh, kw)
+        return F.conv2d(x, weight, shift, self.stride, self.padding, self.dilation, self.groups)
+
+
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A FrozenBatchNorm2d whose map the conv before it applies; it keeps its buffers (and keys)."""
+
+    def forward(self, x):
+        return x
+
+
+def fold_frozen_batchnorm(model):
+    """Fold every FrozenBatchNorm2d of `model` into the conv that feeds it, in place; returns the
+    model. The state dict (names, tensors), the parameters and their gradients stay the same; the
+    outputs equal the plain path's up to float rounding. Meant for GPU training with norm="frozen"
+    (r50, x152), where the elementwise passes over the CNN's activations are a visible share of the step."""
+    folded = 0
+    for module in model.modules():
+        # torchvision registers each conv right before the norm that reads its output
+        # (conv1, bn1, conv2, bn2, ...; downsample = Sequential(conv, norm))
+        children = list(module.children())
+        for conv, norm in zip(children, children[1:]):
+            if type(conv) is nn.Conv2d and type(norm) is FrozenBatchNorm2d and conv.bias is None:
+                conv.__class__, norm.__class__ = FoldedConv2d, FoldedFrozenBatchNorm2d
+                conv.__dict__["folded_norm"] = norm  # a plain attribute, not a submodule: no new state-dict keys
+                folded += 1
+    if not folded:
+        raise ValueError("fold_frozen_batchnorm: no FrozenBatchNorm2d after a conv (is the config's norm 'frozen'?)")
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -271,9 +328,7 @@ class BertSelfAttention(nn.Module):
         q, k, v = (proj(x).view(B, L, self.num_heads, H // self.num_heads).transpose(1, 2)  # (B, nh, L, hs)
                    for proj in (self.query, self.key, self.value))
         dropout_p = self.dropout if self.training else 0.0
-        if x.device.type == "cpu":
-            # PyTorch's CPU attention kernels run 2-9x slower in bf16 than in fp32 (forward +
-            # backward, measured at the tiny and r50 shapes), so on the CPU attention stays fp32.
+        if x.device.type == "cpu":  # fp32: PyTorch's CPU attention runs slower in bf16, at best as fast
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
                                                    dropout_p=dropout_p)
@@ -392,8 +447,8 @@ class VisualEmbedding(nn.Module):
         return x
 
 
-def sample_pixels(tokens, mask, n=100):
-    """Pixel random sampling (paper 3.3): keep n random valid pixel tokens per image, never a
+def sample_pixels(tokens, mask, n):
+    """Pixel random sampling (paper 3.3, n = 100): keep n random valid pixel tokens per image, never a
     padded one; all valid tokens if an image has fewer. Used in pre-training only: it acts like
     dropout on the visual input and cuts the sequence length (~260 -> 100 at 800x1333).
     tokens (B, K, H), mask (B, K) bool -> (B, min(n, K), H), (B, min(n, K))."""
@@ -423,7 +478,7 @@ class PixelBert(nn.Module):
             self.cls = nn.ModuleDict({"predictions": MLMHead(c)})
         if "itm" in c.heads:  # image-text matching: 0 = mismatched, 1 = matched
             self.itm_head = nn.Linear(H, 2)
-        if "vqa" in c.heads:  # PAPER.md section 3: Linear(h, 2h) -> GELU -> LayerNorm -> Linear(2h, answers)
+        if "vqa" in c.heads:  # paper 4.2, an MLP on [CLS]: Linear(h, 2h) -> GELU -> LayerNorm -> Linear(2h, answers)
             self.vqa_head = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=c.layer_norm_eps),
                                           nn.Linear(2 * H, c.num_answers))
         if "nlvr" in c.heads:  # two [CLS] vectors (left image, right image) concatenated -> true/false
@@ -448,13 +503,11 @@ class PixelBert(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def encode_image(self, images, image_mask=None):
+    def encode_image(self, images, image_mask):
         """The image half of the model: CNN + visual embedding. Its output can be cached (one
         CNN pass per image in retrieval) and passed back to forward() as `pixels`.
         images (B, 3, H, W) normalised, padded bottom/right; image_mask (B, H, W) bool, True on
-        real pixels (None: all real). Returns pixel tokens (B, K, hidden) and pixel_mask (B, K)."""
-        if image_mask is None:
-            image_mask = torch.ones(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
+        real pixels. Returns pixel tokens (B, K, hidden) and pixel_mask (B, K)."""
         # Padding is zero whatever the collate wrote, so padded pixels cannot leak into features.
         images = images * image_mask[:, None].to(images.dtype)
         tokens = self.visual(self.cnn(images))
@@ -500,12 +553,6 @@ class PixelBert(nn.Module):
         ranks candidates exactly as ITM's match probability does."""
         self.rank_head.weight.copy_(self.itm_head.weight[1:] - self.itm_head.weight[:1])
         self.rank_head.bias.copy_(self.itm_head.bias[1:] - self.itm_head.bias[:1])
-
-    def load_bert(self, path):
-        return load_bert(self, path)
-
-    def load_cnn(self, path):
-        return load_cnn(self, path)
 
 
 # -----------------------------------------------------------------------------
@@ -631,3 +678,75 @@ def make_optimizers(model, cnn_lr=1e-2, cnn_momentum=0.9, cnn_weight_decay=5e-4,
 
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
+
+
+# -----------------------------------------------------------------------------
+# The task heads' losses (as nanoGPT's forward returns its loss, so that a benchmark times the
+# very loss the scripts train). Each is a sum over the micro-batch divided by a count over the
+# whole global batch (every micro-batch of every process), so gradient accumulation and the
+# number of processes do not change the objective. Call them under the forward's autocast: the
+# heads' matrix products run in its precision, the losses themselves in fp32.
+
+MLM_IGNORE = -100  # the MLM label of text positions without a target (F.cross_entropy's ignore_index)
+
+
+def pretraining_losses(model, hidden, pooled, mlm_labels, itm_labels, num_masked, num_pairs, tasks=("mlm", "itm")):
+    """MLM and ITM (paper 3.4) of a micro-batch: hidden (B, T + K, H) and pooled (B, H) from
+    forward(), mlm_labels (B, T) with MLM_IGNORE where nothing is masked, itm_labels (B,) with
+    1 = matched. Returns (2,) [MLM, ITM]. An objective left out of `tasks` still joins the graph
+    with weight 0, so every trained parameter gets a (zero) gradient and DDP's all-reduce sees
+    the same parameters at every step."""
+    masked = mlm_labels != MLM_IGNORE
+    mlm_logits = model.mlm_logits(hidden[:, : mlm_labels.shape[1]][masked])  # (masked tokens, vocab)
+    itm_logits = model.itm_head(pooled)  # (B, 2)
+    mlm = F.cross_entropy(mlm_logits.float(), mlm_labels[masked], reduction="sum") / num_masked.clamp(min=1)
+    itm = F.cross_entropy(itm_logits.float(), itm_labels, reduction="sum") / num_pairs
+    return torch.stack([mlm * ("mlm" in tasks), itm * ("itm" in tasks)])
+
+
+def vqa_loss(model, pooled, targets, num_questions):
+    """Binary cross-entropy of the VQA head against soft targets (B, answers), summed over
+    answers and questions, per question of the global batch. Returns (1,)."""
+    logits = model.vqa_head(pooled)  # (B, answers)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum")[None] / num_questions
+
+
+def nlvr2_logits(model, pooled):
+    """NLVR2's "pair" setting: pooled (2B, H), the rows of each example's left and right image
+    in turn -> (B, 2) logits (false, true) from the two [CLS] vectors side by side."""
+    return model.nlvr_head(pooled.view(-1, 2 * pooled.shape[-1]))  # (B, 2H) -> (B, 2)
+
+
+def nlvr2_loss(model, pooled, labels, num_examples):
+    """Cross-entropy of the NLVR2 head, summed over examples, per example of the global batch. Returns (1,)."""
+    return F.cross_entropy(nlvr2_logits(model, pooled).float(), labels, reduction="sum")[None] / num_examples
+
+
+def rank_scores(model, pooled):
+    """The rank head on pooled [CLS] vectors (B, H) -> (B,) scores, in fp32 even under
+    autocast: bf16 keeps 8 significant bits, so thousands of candidates would tie."""
+    with torch.autocast(pooled.device.type, enabled=False):
+        return model.rank_head(pooled.float()).squeeze(-1)
+
+
+def hard_negative_loss(score, candidates, num_hard):
+    """Softmax cross-entropy of ranking (paper 4.4) over the ground truth and its num_hard
+    highest-scoring negatives, summed over images.
+    candidates (B, C): row numbers of one image's pairs, ground truth in column 0, then its
+    negatives; score(rows (n,)) -> (n,) scores of those pairs. Every candidate is scored without
+    gradient to find the hardest; the ground truth and those are scored again with gradient, so
+    only 1 + num_hard pairs per image are back-propagated (the paper's "gradient only through
+    the 5 hardest"; with dropout, the two passes draw different masks). The easier negatives are
+    left out of the softmax, not kept in it as constants: with constants in the denominator,
+    raising every trained score alike lowers the loss, so training drifts all scores up until
+    the pooler's tanh saturates and [CLS] stops depending on the caption. Over the chosen
+    candidates the loss is shift-invariant, as the full softmax is; the negatives it leaves out
+    are the ones the model already scores lowest. (Where the model cannot tell the positive from
+    its hardest negatives at all, the loss still settles at ln(1 + num_hard), every score alike.)"""
+    B, C = candidates.shape
+    with torch.no_grad():
+        every = score(candidates.flatten()).float().view(B, C)  # (B, C)
+    hard = every[:, 1:].topk(min(num_hard, C - 1), dim=1).indices + 1  # (B, num_hard) columns
+    chosen = torch.cat([torch.zeros_like(hard[:, :1]), hard], dim=1)  # (B, 1 + num_hard), ground truth first
+    logits = score(candidates.gather(1, chosen).flatten()).float().view(B, -1)
+    return F.cross_entropy(logits, torch.zeros(B, dtype=torch.long, device=logits.device), reduction="sum")

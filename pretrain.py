@@ -13,14 +13,15 @@ the same command with --resume continues exactly (README: Reliability).
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
+import checkpoint
 import common
 import data
-from model import make_optimizers
+from model import make_optimizers, pretraining_losses
 from tools import pretrain_cnn, synthetic
 
 
@@ -105,25 +106,6 @@ PRESETS = {"demo": dict(model="tiny", cnn_pretrain_epochs=5, image_min_size=128,
 EVAL_EPOCH = 1_000_000  # the (fixed) epoch number that seeds held-out masking and negatives
 
 
-def losses(model, raw_model, batch, num_masked, num_pairs, device, dtype, pixel_samples, tasks=("mlm", "itm")):
-    """Summed MLM and ITM losses of one micro-batch, each divided by its count over the whole
-    global batch (every process, every micro-step), so accumulation and the number of
-    processes do not change the loss being optimised. `model` is what runs the forward (DDP- or
-    compile-wrapped), `raw_model` the PixelBert whose heads it uses. bench.py times this too."""
-    with common.autocast(device, dtype):
-        hidden, pooled = model(batch["mlm_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
-                               image_index=batch["image_index"], sample_pixel_count=pixel_samples or None)
-        labels = batch["mlm_labels"]
-        masked = labels != data.IGNORE
-        mlm_logits = raw_model.mlm_logits(hidden[:, : labels.shape[1]][masked])
-        itm_logits = raw_model.itm_head(pooled)
-    mlm = F.cross_entropy(mlm_logits.float(), labels[masked], reduction="sum") / num_masked.clamp(min=1)
-    itm = F.cross_entropy(itm_logits.float(), batch["itm_labels"], reduction="sum") / num_pairs
-    # A dropped objective still joins the graph with weight 0, so every trained parameter gets
-    # a (zero) gradient and DDP's all-reduce sees the same parameters on every step.
-    return torch.stack([mlm * ("mlm" in tasks), itm * ("itm" in tasks)])
-
-
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
     ddp = common.setup_distributed(cfg.device)
@@ -132,7 +114,7 @@ def main(argv=None):
     dataset = "coco_vg" if cfg.data == "demo" else cfg.data  # the demo corpus is written in these formats
     accum, images_per_batch = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size,
                                                 cfg.captions_per_image, "--captions-per-image")
-    common.prepare_out_dir(cfg.out_dir, cfg.resume)
+    checkpoint.prepare_out_dir(cfg.out_dir, cfg.resume)
 
     # ---- data. Rank 0 renders the demo corpus and builds the cached caption indexes while the
     # other processes wait at the barrier; then they read what rank 0 wrote.
@@ -148,7 +130,7 @@ def main(argv=None):
                                f"--epochs={cfg.cnn_pretrain_epochs}", f"--dtype={cfg.dtype}", f"--device={ddp.device}",
                                f"--num-workers={cfg.num_workers}", f"--seed={cfg.seed}",
                                f"--{'' if cfg.skip_bad_images else 'no-'}skip-bad-images"])
-    init_state, tokenizer = common.init_and_tokenizer(cfg)
+    init_state, tokenizer = checkpoint.init_and_tokenizer(cfg)
     train_index = data.caption_index(dataset, cfg.data_root, "train", tokenizer, skip_bad_images=cfg.skip_bad_images)
     val_index = data.caption_index(dataset, cfg.data_root, "val", tokenizer)
     if ddp.world_size > 1 and ddp.is_main:
@@ -197,7 +179,7 @@ def main(argv=None):
                                  cfg.weight_decay, fused=ddp.device.type == "cuda" or None,
                                  cnn_optimizer=cfg.cnn_optimizer)
     scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
-    state = common.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}
+    state = checkpoint.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}
     step = state.get("step", 0)
     skipped_steps = state.get("skipped_steps", 0)  # fp16 steps the scaler skipped, over the whole run
     model = common.wrap_model(raw_model, ddp, cfg.compile)
@@ -205,7 +187,7 @@ def main(argv=None):
 
     def checkpoint_state():
         return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() if o else None for o in optimizers],
-                "scaler": scaler.state_dict(), "step": step, "rng": common.rng_state(), "config": asdict(cfg),
+                "scaler": scaler.state_dict(), "step": step, "rng": checkpoint.rng_state(), "config": asdict(cfg),
                 "model_config": asdict(model_cfg), "vocab": tokenizer.vocab_tokens(), "task": "pretrain",
                 "skipped_steps": skipped_steps}
 
@@ -245,25 +227,46 @@ def main(argv=None):
     model.train()
     bar = common.Progress(total_steps, step, ddp.is_main)
     t_last, step_last = time.time(), step
-    preemption, bad_images = common.Preemption(), common.BadImages()
+    preemption, bad_images = checkpoint.Preemption(), common.BadImages()
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, first)  # the data resumes mid-epoch exactly where it stopped
         micro_batches = iter(loader)
         for _ in range(first, steps_per_epoch):
-            common.seed_step(cfg.seed, ddp.rank, step)
+            # ---- one optimiser step: `accum` micro-batches on each process make the global batch
+            checkpoint.seed_step(cfg.seed, ddp.rank, step)
             micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last)
                      for _ in range(accum)]
             for b in micro:
                 bad_images.note(b)
-            counts = torch.tensor([sum((b["mlm_labels"] != data.IGNORE).sum().item() for b in micro),
-                                   sum(len(b["itm_labels"]) for b in micro)], device=ddp.device)
-            common.all_reduce_sum(counts)
+            # masked tokens and pairs of the whole global batch: each loss is a mean over these
+            num_masked, num_pairs = common.all_reduce_sum(torch.tensor(
+                [sum((b["mlm_labels"] != data.IGNORE).sum().item() for b in micro),
+                 sum(len(b["itm_labels"]) for b in micro)], device=ddp.device))
             common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
-            totals, grad_norm = common.train_step(
-                model, micro, lambda b: losses(model, raw_model, b, *counts, ddp.device, cfg.dtype, cfg.pixel_samples,
-                                               tasks),
-                optimizers, scaler, raw_model.parameters(), cfg.grad_clip, cfg.out_dir, step)
+            totals = torch.zeros(2, device=ddp.device)  # MLM, ITM summed over micro-batches and processes
+            for i, batch in enumerate(micro):
+                # DDP all-reduces the gradients in backward(); the earlier micro-batches skip it
+                with model.no_sync() if ddp.world_size > 1 and i < accum - 1 else nullcontext():
+                    with common.autocast(ddp.device, cfg.dtype):
+                        hidden, pooled = model(batch["mlm_ids"], batch["text_mask"], batch["images"],
+                                               batch["image_mask"], image_index=batch["image_index"],
+                                               sample_pixel_count=cfg.pixel_samples or None)
+                        losses = pretraining_losses(raw_model, hidden, pooled, batch["mlm_labels"],
+                                                    batch["itm_labels"], num_masked, num_pairs, tasks)
+                    # DDP averages gradients over processes; the losses are global means already
+                    scaler.scale(losses.sum() * ddp.world_size).backward()
+                totals += losses.detach()
+            common.all_reduce_sum(totals)
+            for opt in filter(None, optimizers):
+                scaler.unscale_(opt)  # fp16: clip the true gradients
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            checkpoint.stop_if_diverged(step, cfg.out_dir, totals, grad_norm, scaler)
+            for opt in filter(None, optimizers):
+                scaler.step(opt)  # fp16: skipped when a gradient overflowed
+            scaler.update()
+            for opt in filter(None, optimizers):
+                opt.zero_grad(set_to_none=True)
             step += 1
             skipped_steps += not torch.isfinite(grad_norm).item()  # fp16: the scaler skipped an overflowing step
             stop = preemption.requested(ddp.device)  # every rank stops after the same step
@@ -281,7 +284,7 @@ def main(argv=None):
                 bar.write(f"step {step}: {metrics}")
                 log.write(step=step, **metrics)
             if ddp.is_main and (step % cfg.ckpt_every == 0 or step == total_steps or stop):
-                common.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
+                checkpoint.save_step_checkpoint(checkpoint_state(), cfg.out_dir, step, cfg.keep_checkpoints)
             if stop:
                 bar.close()
                 preemption.exit(cfg.out_dir, step)
@@ -299,7 +302,7 @@ def main(argv=None):
                   f"{metrics['mlm_baseline']:.3f}) | ITM accuracy {metrics['itm_acc']:.3f} (majority baseline "
                   f"{metrics['itm_baseline']:.3f})")
     if ddp.is_main:
-        common.save_weights(checkpoint_state(), os.path.join(cfg.out_dir, "final.pt"))
+        checkpoint.save_weights(checkpoint_state(), os.path.join(cfg.out_dir, "final.pt"))
         common.print0(f"saved {os.path.join(cfg.out_dir, 'final.pt')}")
     if ddp.world_size > 1:
         torch.distributed.destroy_process_group()

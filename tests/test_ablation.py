@@ -8,7 +8,7 @@ import os
 import pytest
 
 from tools import ablation
-import common
+import checkpoint
 from tools import synthetic
 
 
@@ -29,8 +29,8 @@ def test_every_variant_runs_and_an_interrupted_ablation_continues(tmp_path, caps
     cnn = os.path.join(out, "none", "cnn", "resnet.pth")
     assert results["none/cnn"]["command"].startswith("python tools/pretrain_cnn.py") and os.path.exists(cnn)
     assert f"--cnn={cnn}" in results["none/vqa/0"]["command"]
-    scratch = common.load_checkpoint(os.path.join(out, "none", "vqa_s0", "best.pt"))["model_config"]
-    pretrained = common.load_checkpoint(os.path.join(out, "mlm", "pretrain", "final.pt"))["model_config"]
+    scratch = checkpoint.load_checkpoint(os.path.join(out, "none", "vqa_s0", "best.pt"))["model_config"]
+    pretrained = checkpoint.load_checkpoint(os.path.join(out, "mlm", "pretrain", "final.pt"))["model_config"]
     differ = {k for k in scratch if scratch[k] != pretrained[k]}
     assert differ <= {"heads", "num_answers", "dropout"}, differ
 

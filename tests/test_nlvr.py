@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import checkpoint
 import data
 import evaluate
+import metrics
 import finetune_nlvr
 import pretrain
 from tools import synthetic
@@ -73,27 +74,27 @@ def test_consistency_groups_share_set_and_sentence():
     examples = [record("dev-1-0-0", "True"), record("dev-1-1-0", "False"), record("dev-1-2-0", "True"),
                 record("dev-1-0-1", "False"), record("dev-1-1-1", "True"),  # set 1's second sentence
                 record("dev-2-0-0", "True"), record("test1-1-0-0", "False")]  # another set; another split
-    assert evaluate.nlvr2_group("dev-1-2-0") == "dev-1--0" == evaluate.nlvr2_group("dev-1-0-0")
+    assert metrics.nlvr2_group("dev-1-2-0") == "dev-1--0" == metrics.nlvr2_group("dev-1-0-0")
     truth = {e["identifier"]: e["label"] for e in examples}
-    assert evaluate.nlvr2_score(truth, examples) == {"accuracy": 100.0, "consistency": 100.0, "examples": 7,
+    assert metrics.nlvr2_score(truth, examples) == {"accuracy": 100.0, "consistency": 100.0, "examples": 7,
                                                      "groups": 4}
     # one mistake on dev-1-1-0 breaks its group only; case does not matter, as in the official script
     wrong = {**{k: v.lower() for k, v in truth.items()}, "dev-1-1-0": "TRUE"}
-    assert evaluate.nlvr2_score(wrong, examples) == {"accuracy": round(100 * 6 / 7, 2), "consistency": 75.0,
+    assert metrics.nlvr2_score(wrong, examples) == {"accuracy": round(100 * 6 / 7, 2), "consistency": 75.0,
                                                      "examples": 7, "groups": 4}
     # identifiers that are not examples are ignored, as the official script ignores them
-    assert evaluate.nlvr2_score({**wrong, "dev-9-0-0": "True"}, examples)["accuracy"] == round(100 * 6 / 7, 2)
+    assert metrics.nlvr2_score({**wrong, "dev-9-0-0": "True"}, examples)["accuracy"] == round(100 * 6 / 7, 2)
 
 
 def test_missing_predictions_are_listed():
     examples = [record(f"dev-{s}-{p}-0", "True") for s in range(30) for p in range(2)]
     predictions = {e["identifier"]: "True" for e in examples}
     del predictions["dev-3-1-0"], predictions["dev-7-0-0"]
-    with pytest.raises(evaluate.EvaluationError, match=r"P\.csv: 2 of 60 examples have no prediction: "
+    with pytest.raises(metrics.EvaluationError, match=r"P\.csv: 2 of 60 examples have no prediction: "
                                                         r"dev-3-1-0, dev-7-0-0$"):
-        evaluate.nlvr2_score(predictions, examples, "P.csv")
-    with pytest.raises(evaluate.EvaluationError, match="60 of 60 .*dev-0-0-0, .* and 40 more"):
-        evaluate.nlvr2_score({}, examples)
+        metrics.nlvr2_score(predictions, examples, "P.csv")
+    with pytest.raises(metrics.EvaluationError, match="60 of 60 .*dev-0-0-0, .* and 40 more"):
+        metrics.nlvr2_score({}, examples)
 
 
 def test_score_agrees_with_the_official_script(tmp_path):
@@ -109,9 +110,9 @@ def test_score_agrees_with_the_official_script(tmp_path):
         rng.shuffle(lines)
         preds.write_text("\n".join(lines) + "\n" * rng.randint(0, 1))
         precision, consistency = official_metrics(preds, labels)
-        ours = evaluate.score_nlvr2_files(str(preds), str(labels))
+        ours = metrics.score_nlvr2_files(str(preds), str(labels))
         assert ours["accuracy"] == round(100 * precision, 2) and ours["consistency"] == round(100 * consistency, 2)
-        exact = evaluate.nlvr2_score(evaluate.read_nlvr2_predictions(str(preds)), examples, digits=None)
+        exact = metrics.nlvr2_score(metrics.read_nlvr2_predictions(str(preds)), examples, digits=None)
         assert exact["accuracy"] == pytest.approx(100 * precision) and exact["consistency"] == pytest.approx(
             100 * consistency)
 
@@ -233,7 +234,7 @@ def test_resume_continues_exactly(corpus, pretrained, tmp_path):
     finetune_nlvr.main(run_args(corpus, pretrained, straight, max_steps=2))
     finetune_nlvr.main(run_args(corpus, pretrained, interrupted, max_steps=1))
     finetune_nlvr.main(run_args(corpus, pretrained, interrupted, max_steps=2) + ["--resume"])
-    a, b = (common.load_checkpoint(os.path.join(d, "ckpt_00000002.pt")) for d in (straight, interrupted))
+    a, b = (checkpoint.load_checkpoint(os.path.join(d, "ckpt_00000002.pt")) for d in (straight, interrupted))
     assert a["step"] == b["step"] == 2
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import common
 import pretrain
 from tools import synthetic
@@ -46,7 +47,7 @@ def test_short_pretraining_run_learns(corpus, tmp_path):
     # 25 held-out pairs and 40 steps: accuracy is at or just past the most frequent token's (exactly at it
     # on an AVX2 CPU, whose fp32 kernels round differently from AVX-512's); the loss above shows the learning.
     assert metrics["mlm_acc"] >= metrics["mlm_baseline"]
-    state = common.load_checkpoint(os.path.join(out, "final.pt"))  # weights_only=True
+    state = checkpoint.load_checkpoint(os.path.join(out, "final.pt"))  # weights_only=True
     assert state["task"] == "pretrain" and state["model_config"]["hidden_size"] == 128
     assert state["vocab"][0] == "[PAD]" and os.path.exists(os.path.join(out, "ckpt_00000040.pt"))
 
@@ -66,8 +67,8 @@ def test_two_processes_match_one(corpus, tmp_path):
     a, b = read_losses(one), read_losses(two)
     assert len(a) == len(b) == 4
     assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5), (a, b)
-    wa = common.load_checkpoint(os.path.join(one, "final.pt"))["model"]
-    wb = common.load_checkpoint(os.path.join(two, "final.pt"))["model"]
+    wa = checkpoint.load_checkpoint(os.path.join(one, "final.pt"))["model"]
+    wb = checkpoint.load_checkpoint(os.path.join(two, "final.pt"))["model"]
     # Parameters agree; BatchNorm's running statistics legitimately differ (one process updates
     # them on both micro-batches, DDP keeps rank 0's), and training mode never reads them.
     params = [k for k in wa if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
@@ -104,14 +105,15 @@ def test_init_checkpoint_fixes_the_architecture(tmp_path):
     torch.manual_seed(0)
     trained = PixelBert(PixelBertConfig.tiny(vocab_size=50, pixel_pool=1, visual_position=True, num_layers=1))
     path = str(tmp_path / "pre.pt")
-    common.save_checkpoint({"model": trained.state_dict(), "model_config": asdict(trained.config)}, path)
+    checkpoint.save_checkpoint({"model": trained.state_dict(), "model_config": asdict(trained.config)}, path)
     flags = SimpleNamespace(init=path, model="r50", dropout=0.0, pixel_pool=2, visual_position=False,
                             visual_layernorm=False, bert="", cnn="")
-    model = common.build_model(flags, ("vqa",), 50, num_answers=7)
+    init_state = checkpoint.load_checkpoint(path)
+    model = common.build_model(flags, ("vqa",), 50, num_answers=7, init_state=init_state)
     assert (model.config.pixel_pool, model.config.visual_position, model.config.num_layers) == (1, True, 1)
     assert model.config.heads == ("vqa",) and model.config.num_answers == 7
     for name, value in trained.state_dict().items():
         if not name.startswith(("cls.", "itm_head")):
             assert torch.equal(model.state_dict()[name], value), name
     with pytest.raises(SystemExit, match="pass the --vocab it was trained with"):
-        common.build_model(flags, ("vqa",), 60, num_answers=7)
+        common.build_model(flags, ("vqa",), 60, num_answers=7, init_state=init_state)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import common
 import data
 import finetune_vqa
@@ -70,7 +71,7 @@ def losses_by_step(out_dir, keys=("mlm_loss", "itm_loss")):
 
 
 def weights(path):
-    return common.load_checkpoint(path)["model"]
+    return checkpoint.load_checkpoint(path)["model"]
 
 
 def assert_same_weights(a, b):
@@ -93,23 +94,22 @@ def test_signal_mid_accumulation_then_exact_resume(corpus, uninterrupted, tmp_pa
     """SIGUSR1 arrives while step 2 (of an 87-step epoch) is between its two accumulation
     micro-steps: step 2 completes, its checkpoint is written, the run exits with
     EXIT_PREEMPTED; --resume then reproduces the uninterrupted run's losses and weights."""
-    train_step = common.train_step
+    pretraining_losses, calls = pretrain.pretraining_losses, []
 
-    def signalled_train_step(model, micro_batches, loss_fn, *args):
-        def loss_with_signal(batch):
-            if args[-1] == 1 and batch is micro_batches[1]:  # 0-based step 1, second micro-batch
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return loss_fn(batch)
-        return train_step(model, micro_batches, loss_with_signal, *args)
+    def losses_with_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # two micro-batches a step: the second of 0-based step 1
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return pretraining_losses(*args, **kwargs)
 
     out = str(tmp_path / "run")
-    monkeypatch.setattr(common, "train_step", signalled_train_step)
+    monkeypatch.setattr(pretrain, "pretraining_losses", losses_with_signal)
     with pytest.raises(SystemExit) as stopped:
         pretrain.main(pretrain_args(corpus, out))
-    assert stopped.value.code == common.EXIT_PREEMPTED
-    assert [os.path.basename(p) for p in common.step_checkpoints(out)] == ["ckpt_00000002.pt"]
+    assert stopped.value.code == checkpoint.EXIT_PREEMPTED
+    assert [os.path.basename(p) for p in checkpoint.step_checkpoints(out)] == ["ckpt_00000002.pt"]
     assert sorted(losses_by_step(out)) == [1, 2] and not os.path.exists(os.path.join(out, "final.pt"))
-    monkeypatch.setattr(common, "train_step", train_step)
+    monkeypatch.setattr(pretrain, "pretraining_losses", pretraining_losses)
     pretrain.main(pretrain_args(corpus, out, resume=True))
     losses, final = uninterrupted
     assert losses_by_step(out) == losses and len(losses) == 4  # metrics.jsonl keeps 6 decimals
@@ -138,17 +138,17 @@ def test_resume_refuses_other_model_or_settings(tmp_path):
     model = PixelBert(cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     state = {"model": model.state_dict(), "optimizers": [], "scaler": scaler.state_dict(), "step": 3,
-             "rng": common.rng_state(), "model_config": asdict(cfg), "config": {"global_batch": 8, "seed": 0}}
-    common.save_checkpoint(state, str(tmp_path / "ckpt_00000003.pt"))
+             "rng": checkpoint.rng_state(), "model_config": asdict(cfg), "config": {"global_batch": 8, "seed": 0}}
+    checkpoint.save_checkpoint(state, str(tmp_path / "ckpt_00000003.pt"))
     bigger = PixelBert(PixelBertConfig.tiny(vocab_size=30, num_layers=2))
     with pytest.raises(SystemExit, match="num_layers: 1 in the checkpoint, 2 here"):
-        common.resume(str(tmp_path), bigger, [], scaler)
+        checkpoint.resume(str(tmp_path), bigger, [], scaler)
     vqa = PixelBert(PixelBertConfig.tiny(vocab_size=30, num_layers=1, heads=("vqa",), num_answers=5))
     with pytest.raises(SystemExit, match=r"heads: \('mlm', 'itm'\) in the checkpoint, \('vqa',\) here"):
-        common.resume(str(tmp_path), vqa, [], scaler)
+        checkpoint.resume(str(tmp_path), vqa, [], scaler)
     with pytest.raises(SystemExit, match="--global-batch 8 -> 16"):
-        common.resume(str(tmp_path), model, [], scaler, {"global_batch": 16, "seed": 0})
-    assert common.resume(str(tmp_path), model, [], scaler, {"global_batch": 8, "seed": 0})["step"] == 3
+        checkpoint.resume(str(tmp_path), model, [], scaler, {"global_batch": 16, "seed": 0})
+    assert checkpoint.resume(str(tmp_path), model, [], scaler, {"global_batch": 8, "seed": 0})["step"] == 3
 
 
 # ---- 2 and 8. preemption under torchrun; two nodes
@@ -203,13 +203,13 @@ def test_two_nodes_preempted_then_resumed(corpus, tmp_path):
     assert len(stopped) == 2 and stopped[0] == stopped[1], outputs  # rank 0 and rank 1, the same step
     step = int(stopped[0])
     assert "rank 1: stopped by SIGTERM" in outputs[1], outputs[1]
-    assert [os.path.basename(p) for p in common.step_checkpoints(out)] == [f"ckpt_{step:08d}.pt"]
-    assert common.load_checkpoint(common.step_checkpoints(out)[0])["step"] == step
+    assert [os.path.basename(p) for p in checkpoint.step_checkpoints(out)] == [f"ckpt_{step:08d}.pt"]
+    assert checkpoint.load_checkpoint(checkpoint.step_checkpoints(out)[0])["step"] == step
     assert sorted(losses_by_step(out)) == list(range(1, step + 1))
 
     outputs = finish(launch_two_nodes(pretrain_args(corpus, out, dropout=0.0, num_workers=0, max_steps=step + 1,
                                                     resume=True), free_port()))
-    assert f"resumed from {common.step_checkpoints(out)[0]}" in outputs[0], outputs
+    assert f"resumed from {checkpoint.step_checkpoints(out)[0]}" in outputs[0], outputs
     assert os.path.exists(os.path.join(out, f"ckpt_{step + 1:08d}.pt")) and os.path.exists(os.path.join(out, "final.pt"))
     assert sorted(losses_by_step(out)) == list(range(1, step + 2))
 
@@ -221,7 +221,7 @@ import sys, torch, common
 state = {"model": {"w": torch.randn(4_000_000)}, "step": 0}
 for step in range(1, 10_000):
     state["step"] = step
-    common.save_step_checkpoint(state, sys.argv[1], step, keep=2)
+    checkpoint.save_step_checkpoint(state, sys.argv[1], step, keep=2)
 """
 
 
@@ -246,13 +246,13 @@ def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path):
     saver.wait()
     names = os.listdir(out)
     assert any(".tmp" in n for n in names), names  # killed mid-save: its partial file is still there
-    checkpoints = common.step_checkpoints(out)
+    checkpoints = checkpoint.step_checkpoints(out)
     assert checkpoints and not any(".tmp" in p for p in checkpoints)
     for path in checkpoints:
-        state = common.load_checkpoint(path)
+        state = checkpoint.load_checkpoint(path)
         assert path.endswith(f"ckpt_{state['step']:08d}.pt") and state["model"]["w"].numel() == 4_000_000
-    common.save_step_checkpoint({"step": 99}, out, 99, keep=2)
-    assert not any(".tmp" in n for n in os.listdir(out)) and len(common.step_checkpoints(out)) == 2  # keep 2
+    checkpoint.save_step_checkpoint({"step": 99}, out, 99, keep=2)
+    assert not any(".tmp" in n for n in os.listdir(out)) and len(checkpoint.step_checkpoints(out)) == 2  # keep 2
 
 
 def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
@@ -263,14 +263,14 @@ def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for step in (1, 2, 3):
         state = {"model": model.state_dict(), "optimizers": [opt.state_dict()], "scaler": scaler.state_dict(),
-                 "step": step, "rng": common.rng_state(), "model_config": asdict(model.config)}
-        common.save_step_checkpoint(state, str(tmp_path), step, keep=2)
-    assert [os.path.basename(p) for p in common.step_checkpoints(str(tmp_path))] == ["ckpt_00000002.pt",
+                 "step": step, "rng": checkpoint.rng_state(), "model_config": asdict(model.config)}
+        checkpoint.save_step_checkpoint(state, str(tmp_path), step, keep=2)
+    assert [os.path.basename(p) for p in checkpoint.step_checkpoints(str(tmp_path))] == ["ckpt_00000002.pt",
                                                                                        "ckpt_00000003.pt"]
     newest = tmp_path / "ckpt_00000003.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     (tmp_path / "ckpt_00000004.pt.tmp123").write_bytes(b"partial")
-    assert common.resume(str(tmp_path), model, [opt], scaler)["step"] == 2
+    assert checkpoint.resume(str(tmp_path), model, [opt], scaler)["step"] == 2
 
 
 # ---- 4. safe loading
@@ -290,7 +290,7 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     torch.save({"model": {}, "payload": RunsCodeWhenUnpickled(str(marker))}, path)
     assert not marker.exists()
     with pytest.raises(ValueError, match="evil.pt: not a loadable checkpoint.*could run code"):
-        common.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the file really is armed: an unsafe load runs it
     assert marker.exists()
@@ -399,16 +399,29 @@ def test_text_catalogue(corpus):
 # ---- 6. numerical failure
 
 
+def script_step(model, opt, scaler, loss_fn, out_dir, step):
+    """The end of the scripts' step on a toy model: backward, unscale, clip, the divergence
+    check, update. Returns the loss and the gradient norm."""
+    loss = loss_fn(model, torch.ones(2))[None]
+    scaler.scale(loss.sum()).backward()
+    scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    checkpoint.stop_if_diverged(step, out_dir, loss.detach(), norm, scaler)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach(), norm
+
+
 def toy_step(loss_fn, out_dir, step, dtype="fp32", model=None):
     model = model or torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=dtype == "fp16")
-    return model, common.train_step(model, [torch.ones(2)], lambda b: loss_fn(model, b)[None], [opt], scaler,
-                                    list(model.parameters()), 10.0, out_dir, step)
+    return model, script_step(model, opt, scaler, loss_fn, out_dir, step)
 
 
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):
-    common.save_checkpoint({"step": 3}, str(tmp_path / "ckpt_00000003.pt"))
+    checkpoint.save_checkpoint({"step": 3}, str(tmp_path / "ckpt_00000003.pt"))
     with pytest.raises(SystemExit, match=r"step 5: the loss is \[nan\]; stopping. Last good checkpoint: .*ckpt_00000003"):
         toy_step(lambda m, b: m(b).sum() * float("nan"), str(tmp_path), 4)
     model = torch.nn.Linear(2, 1)
@@ -443,14 +456,14 @@ def test_fp16_skipped_steps_counted_and_a_collapse_stops(tmp_path):
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     before = [p.detach().clone() for p in model.parameters()]
     skipped = 0
-    with pytest.raises(SystemExit, match=r"step 17: fp16 loss scale 0.5: .*every step is skipped.*Last good "
+    # 16 overflows halve the scale from 65536 to 1; the 17th takes it to 0.5, which step 18 sees
+    with pytest.raises(SystemExit, match=r"step 18: fp16 loss scale 0.5: .*every step is skipped.*Last good "
                                          r"checkpoint: none"):
         for step in range(100):
-            _, norm = common.train_step(model, [None], lambda b: (model.weight - model.weight.detach()).abs().sqrt()
-                                        .sum()[None], [opt], scaler, list(model.parameters()), 10.0, str(tmp_path),
-                                        step)
+            _, norm = script_step(model, opt, scaler, lambda m, b: (m.weight - m.weight.detach()).abs().sqrt().sum(),
+                                  str(tmp_path), step)
             skipped += not torch.isfinite(norm).item()
-    assert skipped == 16 and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert skipped == 17 and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     _, (_, norm) = toy_step(lambda m, b: m(b).sum(), str(tmp_path), 0, dtype="fp16")
     assert torch.isfinite(norm)  # a healthy fp16 step is not skipped
 

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import common
 import data
 import evaluate
+import metrics
 import finetune_retrieval
 from tools import synthetic
-from model import PixelBert, PixelBertConfig
+from model import PixelBert, PixelBertConfig, hard_negative_loss, rank_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +50,7 @@ def tiny_model(vocab_size, seed=0):
 
 
 def save_retrieval_checkpoint(model, tokenizer, path):
-    common.save_checkpoint({"model": model.state_dict(), "model_config": asdict(model.config),
+    checkpoint.save_checkpoint({"model": model.state_dict(), "model_config": asdict(model.config),
                             "vocab": tokenizer.vocab_tokens(), "task": "retrieval",
                             "config": {"max_text_len": 40, "image_min_size": 64, "image_max_size": 96}}, path)
 
@@ -84,7 +86,7 @@ def test_recall_matches_brute_force(seed):
     I = int(rng.integers(3, 25))
     owner = rng.permutation(np.repeat(np.arange(I), rng.integers(1, 6, size=I)))
     scores = rng.integers(0, 4 if seed % 2 else 40, size=(I, len(owner))).astype(float)
-    got = evaluate.retrieval_recall(scores, owner)
+    got = metrics.retrieval_recall(scores, owner)
     want = brute_force_recall(scores.tolist(), owner.tolist())
     assert got == pytest.approx(want)
 
@@ -92,35 +94,35 @@ def test_recall_matches_brute_force(seed):
 def test_recall_hand_made_cases():
     owner = [0, 0, 1, 1, 1, 2]  # image 0 has two captions, image 1 three, image 2 one
     perfect = [[5, 4, 0, 0, 0, 0], [0, 0, 3, 3, 2, 0], [0, 0, 0, 0, 0, 1]]
-    assert set(evaluate.retrieval_recall(perfect, owner).values()) == {100.0, 600.0}
+    assert set(metrics.retrieval_recall(perfect, owner).values()) == {100.0, 600.0}
     worst = -np.array(perfect, dtype=float)  # every correct pair ranks last
-    r = evaluate.retrieval_recall(worst, owner, ks=(1, 3, 4, 5))
+    r = metrics.retrieval_recall(worst, owner, ks=(1, 3, 4, 5))
     # image 0's captions rank after the other 4 (R@4 misses, R@5 hits); image 1's after 3; image 2's after 5
     assert (r["tr_r1"], r["tr_r3"], r["tr_r4"], r["tr_r5"]) == (0, 0, pytest.approx(100 / 3), pytest.approx(200 / 3))
     assert (r["ir_r1"], r["ir_r3"]) == (0, 100)  # every caption's image ranks third of three
     # A tie between the best correct caption and a wrong one counts against the correct one.
     tied = [[1, 0, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1]]
-    r = evaluate.retrieval_recall(tied, owner, ks=(1, 2))
+    r = metrics.retrieval_recall(tied, owner, ks=(1, 2))
     assert r["tr_r1"] == pytest.approx(200 / 3) and r["tr_r2"] == 100  # image 0 ties with caption 2: rank 2
     assert r["ir_r1"] == pytest.approx(100 * 2 / 6)  # captions 2 and 5 only; caption 2 ties 1.0 with image 0
     # a constant scorer gets nothing at R@1, whatever the order of images and captions
-    assert evaluate.retrieval_recall(np.zeros((3, 6)), owner)["tr_r1"] == 0
+    assert metrics.retrieval_recall(np.zeros((3, 6)), owner)["tr_r1"] == 0
 
 
 def test_recall_folds_and_errors():
     rng = np.random.default_rng(0)
     owner = np.repeat(np.arange(6), 2)
     scores = rng.normal(size=(6, 12))
-    folds = evaluate.retrieval_recall_folds(scores, owner, fold_images=3)
-    a = evaluate.retrieval_recall(scores[:3, :6], owner[:6])
-    b = evaluate.retrieval_recall(scores[3:, 6:], owner[6:] - 3)
+    folds = metrics.retrieval_recall_folds(scores, owner, fold_images=3)
+    a = metrics.retrieval_recall(scores[:3, :6], owner[:6])
+    b = metrics.retrieval_recall(scores[3:, 6:], owner[6:] - 3)
     assert folds == pytest.approx({k: (a[k] + b[k]) / 2 for k in a})
-    with pytest.raises(evaluate.EvaluationError, match="do not split into folds"):
-        evaluate.retrieval_recall_folds(scores, owner, fold_images=4)
-    with pytest.raises(evaluate.EvaluationError, match="image 5 has no caption"):
-        evaluate.retrieval_recall(scores[:, :10], owner[:10])
-    with pytest.raises(evaluate.EvaluationError, match="NaN"):
-        evaluate.retrieval_recall(np.full((6, 12), np.nan), owner)
+    with pytest.raises(metrics.EvaluationError, match="do not split into folds"):
+        metrics.retrieval_recall_folds(scores, owner, fold_images=4)
+    with pytest.raises(metrics.EvaluationError, match="image 5 has no caption"):
+        metrics.retrieval_recall(scores[:, :10], owner[:10])
+    with pytest.raises(metrics.EvaluationError, match="NaN"):
+        metrics.retrieval_recall(np.full((6, 12), np.nan), owner)
 
 
 # -----------------------------------------------------------------------------
@@ -137,12 +139,12 @@ def test_cached_batched_scoring_equals_each_pair_alone(corpus, tokenizer):
     assert len({tuple(-(-s // 64) for s in im.shape[1:]) for im in images}) > 1  # several padded sizes
     assert len({len(captions.input_ids(c)) for c in range(len(captions))}) > 1  # several caption lengths
     device = torch.device("cpu")
-    pixels = finetune_retrieval.encode_images(model, corpus, captions.image_paths, range(len(images)), 64, 96,
+    pixels = evaluate.encode_images(model, corpus, captions.image_paths, range(len(images)), 64, 96,
                                               device, "fp32", num_workers=0, image_batch=2)
-    batches = finetune_retrieval.caption_batches(captions, 7, device)
-    fast = finetune_retrieval.score_images(model, pixels, batches, len(captions), "fp32")
+    batches = evaluate.caption_batches(captions, 7, device)
+    fast = evaluate.score_images(model, pixels, batches, len(captions), "fp32")
     ddp = common.Dist(0, 0, 1, device)
-    full, times = finetune_retrieval.retrieval_scores(model, corpus, captions, ddp, 64, 96, "fp32", 7, 0,
+    full, times = evaluate.retrieval_scores(model, corpus, captions, ddp, 64, 96, "fp32", 7, 0,
                                                       progress=False)
     assert torch.allclose(fast, full, atol=1e-5) and times["transformer_s"] > 0
     some = range(0, len(captions), 6)  # every image against a spread of captions, one pair at a time
@@ -156,10 +158,10 @@ def test_cached_batched_scoring_equals_each_pair_alone(corpus, tokenizer):
             for c in some:
                 ids = torch.tensor([captions.input_ids(c)])
                 _, pooled = model(ids, torch.ones_like(ids, dtype=torch.bool), pixels=alone)
-                slow[i, c] = finetune_retrieval.rank_scores(model, pooled)
+                slow[i, c] = rank_scores(model, pooled)
             _, pooled = model(ids, torch.ones_like(ids, dtype=torch.bool), images=image,  # one pair fully alone
                               image_mask=data.collate([{"image": images[i]}])["image_mask"])
-            assert finetune_retrieval.rank_scores(model, pooled).item() == pytest.approx(slow[i, c].item(), abs=1e-6)
+            assert rank_scores(model, pooled).item() == pytest.approx(slow[i, c].item(), abs=1e-6)
     assert torch.allclose(fast[:, some], slow[:, some], atol=1e-4, rtol=1e-5), (fast - slow).abs().max()
     assert fast.std() > 0.1  # the scores are far from constant, so the comparison means something
 
@@ -198,7 +200,7 @@ def test_hard_negative_gradient_reaches_exactly_the_hardest():
     def score(rows):
         calls.append(torch.is_grad_enabled())
         return theta[rows] * 1.0
-    loss = finetune_retrieval.hard_negative_loss(score, candidates, num_hard=5)
+    loss = hard_negative_loss(score, candidates, num_hard=5)
     loss.backward()
     assert calls == [False, True]  # all 21 without gradient, then the chosen 6 with it
     full = theta.detach()[candidates]  # (B, C)
@@ -230,17 +232,17 @@ def test_cnn_is_frozen_and_rank_head_starts_from_itm(corpus, tokenizer, tmp_path
     torch.manual_seed(0)
     pre = PixelBert(PixelBertConfig.tiny(vocab_size=tokenizer.vocab_size))
     path = str(tmp_path / "pre.pt")
-    common.save_checkpoint({"model": pre.state_dict(), "model_config": asdict(pre.config),
+    checkpoint.save_checkpoint({"model": pre.state_dict(), "model_config": asdict(pre.config),
                             "vocab": tokenizer.vocab_tokens(), "task": "pretrain"}, path)
     out = str(tmp_path / "run")
     test = finetune_retrieval.main(finetune_args(corpus, out, init=path, max_steps=1, lr=1e-3))
-    state = common.load_checkpoint(os.path.join(out, "ckpt_00000001.pt"))["model"]
+    state = checkpoint.load_checkpoint(os.path.join(out, "ckpt_00000001.pt"))["model"]
     for name, value in pre.state_dict().items():
         if name.startswith(("cnn.", "itm_head.")):  # frozen, BatchNorm statistics included
             assert torch.equal(state[name], value), name
     assert not torch.equal(state["bert.pooler.dense.weight"], pre.state_dict()["bert.pooler.dense.weight"])
     itm = pre.itm_head.weight.detach()
-    best = common.load_checkpoint(os.path.join(out, "best.pt"))  # step 0 or step 1: at most one step from ITM
+    best = checkpoint.load_checkpoint(os.path.join(out, "best.pt"))  # step 0 or step 1: at most one step from ITM
     assert best["task"] == "retrieval" and best["best"]["step"] in (0, 1)
     assert torch.allclose(best["model"]["rank_head.weight"], itm[1:] - itm[:1], atol=5e-3)
     # evaluate.py on the saved best checkpoint reproduces the script's own test figures
@@ -259,10 +261,10 @@ def test_short_finetuning_improves_recall(demo_pretraining, tmp_path):
     above where the run started (chance: 1%). (From the ITM head, the demo's R@1 starts near
     what its ambiguous captions allow, e.g. "There are two squares.", so R@1 barely moves.)"""
     root, run, _ = demo_pretraining
-    state = common.load_checkpoint(os.path.join(run, "final.pt"))
+    state = checkpoint.load_checkpoint(os.path.join(run, "final.pt"))
     state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("itm_head.")}
     init = str(tmp_path / "no_itm.pt")
-    common.save_checkpoint(state, init)
+    checkpoint.save_checkpoint(state, init)
     args = [f"--data-root={root}", f"--init={init}", "--num-workers=0", "--seed=1"]
     start = finetune_retrieval.main(args + [f"--out-dir={tmp_path / 'start'}", "--max-steps=1", "--lr=1e-12"])
     tuned = finetune_retrieval.main(args + [f"--out-dir={tmp_path / 'tuned'}", "--epochs=1", "--lr=1e-4"])
@@ -302,7 +304,7 @@ def test_bad_input_is_named(corpus, tokenizer, tmp_path):
         evaluate.main(["retrieval", "--checkpoint", str(tmp_path / "none.pt"), "--data-root", str(root),
                        "--dataset", "coco"])
     vqa_like = str(tmp_path / "vqa.pt")
-    common.save_checkpoint({"model": {"vqa_head.0.weight": torch.zeros(1)}, "task": "vqa"}, vqa_like)
+    checkpoint.save_checkpoint({"model": {"vqa_head.0.weight": torch.zeros(1)}, "task": "vqa"}, vqa_like)
     with pytest.raises(SystemExit, match="neither a retrieval nor a pre-training checkpoint"):
         evaluate.main(["retrieval", "--checkpoint", vqa_like, "--data-root", corpus, "--dataset", "flickr30k"])
     with pytest.raises(SystemExit, match="--hard-negatives 6 must be in 1..--negatives"):
@@ -322,20 +324,21 @@ def test_resume_continues_exactly(corpus, tmp_path, monkeypatch):
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     args = dict(max_steps=2, dropout=0.1, lr=1e-3)
     finetune_retrieval.main(finetune_args(corpus, straight, **args))
-    train_step = common.train_step
+    hard_negative_loss, calls = finetune_retrieval.hard_negative_loss, []
 
-    def signalled_train_step(*a):
-        if a[-1] == 0:  # 0-based step: the signal arrives while the first step runs
+    def loss_with_signal(*a):
+        calls.append(1)
+        if len(calls) == 1:  # the signal arrives while the first step runs
             os.kill(os.getpid(), signal.SIGTERM)
-        return train_step(*a)
-    monkeypatch.setattr(common, "train_step", signalled_train_step)
+        return hard_negative_loss(*a)
+    monkeypatch.setattr(finetune_retrieval, "hard_negative_loss", loss_with_signal)
     with pytest.raises(SystemExit) as stopped:
         finetune_retrieval.main(finetune_args(corpus, interrupted, **args))
-    assert stopped.value.code == common.EXIT_PREEMPTED
-    assert [os.path.basename(p) for p in common.step_checkpoints(interrupted)] == ["ckpt_00000001.pt"]
-    monkeypatch.setattr(common, "train_step", train_step)
+    assert stopped.value.code == checkpoint.EXIT_PREEMPTED
+    assert [os.path.basename(p) for p in checkpoint.step_checkpoints(interrupted)] == ["ckpt_00000001.pt"]
+    monkeypatch.setattr(finetune_retrieval, "hard_negative_loss", hard_negative_loss)
     finetune_retrieval.main(finetune_args(corpus, interrupted, **args) + ["--resume"])
-    a, b = (common.load_checkpoint(os.path.join(d, "ckpt_00000002.pt")) for d in (straight, interrupted))
+    a, b = (checkpoint.load_checkpoint(os.path.join(d, "ckpt_00000002.pt")) for d in (straight, interrupted))
     assert a["step"] == b["step"] == 2
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)

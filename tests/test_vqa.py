@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import checkpoint
 import data
 import evaluate
 import finetune_vqa
@@ -96,7 +96,11 @@ def test_answer_vocab_and_soft_targets():
     answer_to_label = {"2": 0, "yes": 1, "no": 2, "red": 3}
     ann = {"answers": humans(*["2"] * 2, *["two"] * 3, "yes", *["no"] * 4)}
     labels, scores = data.vqa_soft_targets(ann, answer_to_label)
-    # "two" normalises to the candidate "2", but only literal "2"s count as matches, as in the official tool
+    # The annotators disagree, so the current official tool normalises their answers too: the three
+    # "two"s match the candidate "2" with the two "2"s (5 matches: 1.0)
+    assert dict(zip(labels, np.round(scores, 4))) == {0: 1.0, 1: 0.3, 2: 1.0}
+    labels, scores = data.vqa_soft_targets(ann, answer_to_label, rules="2017")
+    # the 2017 tool left the human answers' number words as written: only the literal "2"s match
     assert dict(zip(labels, np.round(scores, 4))) == {0: 0.6, 1: 0.3, 2: 1.0}
     with pytest.raises(data.DataError, match="lower --min-answer-count"):
         data.vqa_answer_vocab(annotations, min_count=10)
@@ -109,7 +113,7 @@ def test_finetune_improves_and_checkpoint_round_trip(corpus, pretrained, tmp_pat
     best = finetune_vqa.main(run_args(corpus, pretrained, str(tmp_path / "vqa2"), max_steps=0, epochs=6, lr=2e-3,
                                       cnn_lr=1e-3))
     assert best["overall"] > start["overall"] + 10, (start, best)
-    state = common.load_checkpoint(os.path.join(out, "best.pt"))
+    state = checkpoint.load_checkpoint(os.path.join(out, "best.pt"))
     with open(os.path.join(out, "ans2label.json")) as f:
         ans2label = json.load(f)
     assert state["answers"] == sorted(ans2label, key=ans2label.get) and state["task"] == "vqa"
@@ -141,15 +145,15 @@ def test_cnn_lr_zero_keeps_the_cnn_fixed(corpus, pretrained, tmp_path):
     optimiser would have had), and a resume with a CNN lr gives it a fresh one."""
     out = str(tmp_path / "vqa")
     finetune_vqa.main(run_args(corpus, pretrained, out, max_steps=2, epochs=1, lr=1e-3, cnn_lr=0))
-    before = common.load_checkpoint(pretrained)["model"]
-    after = common.load_checkpoint(common.step_checkpoints(out)[-1])
+    before = checkpoint.load_checkpoint(pretrained)["model"]
+    after = checkpoint.load_checkpoint(checkpoint.step_checkpoints(out)[-1])
     cnn = [k for k in before if k.startswith("cnn.") and not k.endswith(("running_mean", "running_var", "tracked"))]
     assert cnn and all(torch.equal(before[k], after["model"][k]) for k in cnn)
     assert not torch.equal(before["bert.encoder.layer.0.attention.self.query.weight"],
                            after["model"]["bert.encoder.layer.0.attention.self.query.weight"])
     assert after["optimizers"][0] is None
     finetune_vqa.main(run_args(corpus, pretrained, out, max_steps=3, epochs=1, lr=1e-3, cnn_lr=1e-3) + ["--resume"])
-    resumed = common.load_checkpoint(common.step_checkpoints(out)[-1])
+    resumed = checkpoint.load_checkpoint(checkpoint.step_checkpoints(out)[-1])
     assert resumed["step"] == 3 and resumed["optimizers"][0] is not None
     assert not all(torch.equal(before[k], resumed["model"][k]) for k in cnn)
 
@@ -157,7 +161,7 @@ def test_cnn_lr_zero_keeps_the_cnn_fixed(corpus, pretrained, tmp_path):
 def test_mismatched_answer_vocab_refused(corpus, pretrained, tmp_path):
     out = str(tmp_path / "vqa")
     finetune_vqa.main(run_args(corpus, pretrained, out, max_steps=1))
-    state = common.load_checkpoint(os.path.join(out, "best.pt"))
+    state = checkpoint.load_checkpoint(os.path.join(out, "best.pt"))
     state["answers"] = state["answers"][::-1]
     torch.save(state, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="another answer vocabulary"):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as `python3 tools/pretrain_cnn.py`: the repository's modules sit one folder up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import checkpoint
 import common
 import data
 from model import ResNet
@@ -102,10 +103,14 @@ def main(argv=None):
             common.set_lr([optimizer], 1 - step / total_steps)
             loss = F.cross_entropy(logits(batch), batch["labels"])
             scaler.scale(loss).backward()
-            try:
-                common.optimizer_step([optimizer], scaler, params, grad_clip=0)
-            except FloatingPointError as e:
-                raise SystemExit(f"CNN pre-training, step {step + 1}: {e}; lower --lr") from None
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # measured, not clipped
+            if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16's scaler would skip the step
+                raise SystemExit(f"CNN pre-training, step {step + 1}: the gradient norm is {grad_norm.item()}; "
+                                 f"lower --lr")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update()
             if step % cfg.log_every == 0 or step == total_steps:
@@ -125,7 +130,7 @@ def main(argv=None):
             correct += (logits(batch).argmax(-1) == batch["labels"]).sum().item()
     accuracy = correct / len(val_paths)
     print(f"held-out classification accuracy {accuracy:.3f} (chance {1 / len(classes):.3f}) in {time.time() - t0:.0f}s")
-    common.save_checkpoint({**cnn.state_dict(), **{f"fc.{k}": v for k, v in fc.state_dict().items()}}, cfg.out)
+    checkpoint.save_checkpoint({**cnn.state_dict(), **{f"fc.{k}": v for k, v in fc.state_dict().items()}}, cfg.out)
     print(f"saved {cfg.out}")
     return {"accuracy": accuracy, "chance": 1 / len(classes), "path": cfg.out}
 
