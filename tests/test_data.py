@@ -48,7 +48,8 @@ def root(tmp_path):
         images.append({"filepath": folder, "filename": name, "imgid": cid, "split": split, "cocoid": cid,
                        "sentids": [2 * cid, 2 * cid + 1],
                        "sentences": [{"raw": f"A red circle {cid}.", "tokens": [], "imgid": cid, "sentid": 2 * cid},
-                                     {"raw": f"two blue squares {cid}", "tokens": [], "imgid": cid, "sentid": 2 * cid + 1}]})
+                                     {"raw": f"two blue squares {cid}", "tokens": [], "imgid": cid,
+                                      "sentid": 2 * cid + 1}]})
     write_json(str(r / "coco/dataset_coco.json"), {"images": images, "dataset": "coco"})
     write_json(str(r / "coco/annotations/captions_train2014.json"), {
         "images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "width": 65, "height": 48}],
@@ -75,7 +76,8 @@ def test_karpathy_pretraining_splits(root):
     assert [e.path for e in entries] == ["coco/train2014/COCO_train2014_000000000001.jpg",
                                          "coco/val2014/COCO_val2014_000000000002.jpg"]  # val/test skipped
     assert entries[0].captions == ["A red circle 1.", "two blue squares 1"]
-    assert [e.path for e in data.pretrain_entries("coco", root, "val")] == ["coco/val2014/COCO_val2014_000000000003.jpg"]
+    val = data.pretrain_entries("coco", root, "val")
+    assert [e.path for e in val] == ["coco/val2014/COCO_val2014_000000000003.jpg"]
 
 
 def test_coco2014_and_vg(root):
@@ -158,39 +160,24 @@ def test_empty_captions_dropped(root):
     assert json.load(open(os.path.join(index.folder, "info.json")))["empty_dropped"] == 1
 
 
-# ---- tokenizer
+# ---- masking and negatives (the tokenizer: tests/test_tokenizer.py)
 
-def test_tokenizer_matches_reference_on_real_vocab(minilm_dir):
-    from tokenizers import BertWordPieceTokenizer
-    vocab = os.path.join(minilm_dir, "vocab.txt")
-    ref = BertWordPieceTokenizer(vocab, lowercase=True)
-    tok = data.Tokenizer(vocab, max_length=12)
-    texts = ["A man riding a WAVE on top of a surfboard.", "Café Zürich, 2 naïve dogs!", "unaffable 東京 tokens",
-             "one two three four five six seven eight nine ten eleven twelve"]
-    for text in texts:
-        expected = ref.encode(text).ids
-        if len(expected) > 12:
-            expected = expected[:11] + [tok.sep_id]
-        assert tok.encode(text) == expected
-    assert (tok.cls_id, tok.sep_id, tok.mask_id, tok.vocab_size) == (101, 102, 103, 30522)
-    assert tok.wrap(tok.pieces(["a dog"])[0]) == tok.encode("a dog")
+def write_masking_vocab(path, words=500):
+    """Special tokens at ids 0-14 ([PAD] [UNK] [CLS] [SEP] [MASK] and ten [unusedN], as in BERT's
+    vocab.txt), then `words` ordinary word pieces."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"[unused{i}]" for i in range(10)]]
+    with open(path, "w") as f:
+        f.write("\n".join([*specials, *[f"word{i}" for i in range(words)], *[f"##s{i}" for i in range(5)]]) + "\n")
+    return str(path), len(specials)
 
 
-def test_tokenizer_errors(tmp_path):
-    with pytest.raises(data.DataError, match="vocabulary file not found"):
-        data.Tokenizer(str(tmp_path / "none.txt"))
-    (tmp_path / "v.txt").write_text("[UNK]\n[PAD]\n[CLS]\n[SEP]\n[MASK]\n")
-    with pytest.raises(data.DataError, match=r"\[PAD\] at id 0"):
-        data.Tokenizer(str(tmp_path / "v.txt"))
-
-
-# ---- masking and negatives
-
-def test_mlm_masking_statistics(minilm_dir):
-    tok = data.Tokenizer(os.path.join(minilm_dir, "vocab.txt"))
-    ids = np.array([tok.cls_id] + list(range(2000, 2030)) + [tok.sep_id])
+def test_mlm_masking_statistics(tmp_path):
+    vocab, n_special = write_masking_vocab(tmp_path / "vocab.txt")
+    tok = data.Tokenizer(vocab)
+    ids = np.array([tok.cls_id] + list(range(n_special + 100, n_special + 130)) + [tok.sep_id])
     rng = np.random.default_rng(0)
     chosen = masked = swapped = kept = 0
+    drawn = []  # what the random-replacement branch put into the text
     for _ in range(3000):
         inputs, labels = data.mask_tokens(ids, rng, tok)
         assert labels[0] == labels[-1] == data.IGNORE and inputs[0] == tok.cls_id and inputs[-1] == tok.sep_id
@@ -199,16 +186,43 @@ def test_mlm_masking_statistics(minilm_dir):
         chosen += sel.sum()
         masked += (inputs[sel] == tok.mask_id).sum()
         kept += (inputs[sel] == ids[sel]).sum()
-        swapped += ((inputs[sel] != ids[sel]) & (inputs[sel] != tok.mask_id)).sum()
+        swap = sel & (inputs != ids) & (inputs != tok.mask_id)
+        swapped += swap.sum()
+        drawn += inputs[swap].tolist()
         assert (inputs[~sel] == ids[~sel]).all()
     n = 3000 * 30
     assert abs(chosen / n - 0.15) < 0.005
-    # "unchanged" also catches random draws that hit the original token (1 in ~30k)
+    # "unchanged" also catches random draws that hit the original token (1 in 505)
     assert abs(masked / chosen - 0.8) < 0.015 and abs(swapped / chosen - 0.1) < 0.01 and abs(kept / chosen - 0.1) < 0.01
-    one = data.mask_tokens(np.array([tok.cls_id, 2000, tok.sep_id]), rng, tok, prob=1e-9)[1]
+    # Random replacements are ordinary word pieces only: never [PAD] [UNK] [CLS] [SEP] [MASK] or [unusedN]
+    # (ids 0-14; 3% of a uniform draw over this vocabulary, ~40 of these ~1,350 draws), and spread
+    # over the whole vocabulary (~470 distinct of 505 expected), word and ##suffix pieces alike.
+    drawn = np.array(drawn)
+    assert len(drawn) > 1000 and drawn.min() >= n_special and drawn.max() < tok.vocab_size
+    assert len(set(drawn.tolist())) > 400 and (drawn >= n_special + 500).any()
+    one = data.mask_tokens(np.array([tok.cls_id, 20, tok.sep_id]), rng, tok, prob=1e-9)[1]
     assert (one != data.IGNORE).sum() == 1  # at least one piece per caption
     none = data.mask_tokens(ids, rng, tok, prob=0.0)[1]
     assert (none == data.IGNORE).all()  # prob 0: MLM switched off (--tasks itm)
+
+
+def test_mlm_random_replacement_never_draws_special_tokens(tmp_path):
+    """Every chosen piece of long captions, 20,000 random replacements: none is a special token,
+    with the special tokens spread through the vocabulary (BERT's [unusedN] sit at ids 1-998)."""
+    tokens = ["[PAD]", "[UNK]"] + [f"w{i}" if i % 7 else f"[unused{i}]" for i in range(200)] + [
+        "[CLS]", "[SEP]", "[MASK]"]
+    (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    tok = data.Tokenizer(str(tmp_path / "vocab.txt"))
+    special = {i for i, t in enumerate(tokens) if t.startswith("[")}
+    ids = np.array([tok.cls_id] + [tokens.index("w1")] * 200 + [tok.sep_id])
+    rng = np.random.default_rng(1)
+    drawn = []
+    for _ in range(1000):
+        inputs, labels = data.mask_tokens(ids, rng, tok, prob=1.0)
+        swap = (inputs != ids) & (inputs != tok.mask_id)
+        drawn += inputs[swap].tolist()
+    assert len(drawn) > 15000 and not special & set(drawn)
+    assert set(drawn) | {tokens.index("w1")} == set(range(len(tokens))) - special  # every ordinary piece
 
 
 def test_itm_negatives_never_same_image(root):
@@ -237,7 +251,8 @@ def test_itm_negatives_never_same_image(root):
 # ---- images and batches
 
 def test_collate_pads_to_multiples_of_64():
-    items = [{"image": torch.full((3, 100, 150), 7, dtype=torch.uint8), "input_ids": [2, 9, 3], "mlm_labels": [-100, 9, -100],
+    items = [{"image": torch.full((3, 100, 150), 7, dtype=torch.uint8), "input_ids": [2, 9, 3],
+              "mlm_labels": [-100, 9, -100],
               "itm_labels": 1},
              {"image": torch.full((3, 130, 60), 9, dtype=torch.uint8), "input_ids": [2, 3], "mlm_labels": [-100, -100],
               "itm_labels": 0}]

@@ -2,6 +2,7 @@
 (evaluate.py attention) on checkpoints written by short pre-training and VQA runs."""
 
 import json
+import math
 import os
 
 import pytest
@@ -41,7 +42,6 @@ def image(corpus):
 
 def test_match(checkpoints, image, capsys):
     result = evaluate.main(["match", "--checkpoint", checkpoints[0], "--image", image, "--text", "a red circle"])
-    assert 0 <= result["match_probability"] <= 1
     assert json.loads(capsys.readouterr().out) == result
     # the same number as ITM's softmax over a batch the training code builds
     model, tokenizer, state, device = evaluate.load_for_inference(checkpoints[0], "itm")
@@ -56,9 +56,50 @@ def test_ask(checkpoints, image):
     result = evaluate.main(["ask", "--checkpoint", checkpoints[1], "--image", image,
                             "--question", "what colour is the circle?"])
     answers = torch.load(checkpoints[1], weights_only=True)["answers"]
-    scores = [a["score"] for a in result["answers"]]
-    assert len(result["answers"]) == min(5, len(answers)) and scores == sorted(scores, reverse=True)
-    assert all(a["answer"] in answers for a in result["answers"]) and all(0 < s < 1 for s in scores)
+    assert len(result["answers"]) == min(5, len(answers))
+    # the scores are the sigmoid of the head's logits on a batch the training code builds, best first
+    model, tokenizer, state, device = evaluate.load_for_inference(checkpoints[1], "vqa")
+    batch = data.collate([{"image": data.image_tensor(image, 64, 96),
+                           "input_ids": tokenizer.encode("what colour is the circle?")}])
+    with torch.no_grad():
+        _, pooled = model(batch["input_ids"], batch["text_mask"], data.normalize_images(batch["images"]),
+                          batch["image_mask"])
+        scores = model.vqa_head(pooled)[0].sigmoid()
+    best = scores.topk(len(result["answers"]))
+    assert [a["score"] for a in result["answers"]] == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert [a["answer"] for a in result["answers"]] == [answers[i] for i in best.indices.tolist()]
+
+
+def rigged_vqa_checkpoint(path, out, winner, runner_up):
+    """The checkpoint with its answer classifier's last Linear set to ignore its input and
+    score label `winner` highest and `runner_up` second (biases 8 and 4, the rest 0): whatever
+    the image and question, its answers must come out in that order, by name."""
+    state = torch.load(path, weights_only=True)
+    last = max(int(k.split(".")[1]) for k in state["model"] if k.startswith("vqa_head.") and k.endswith(".weight"))
+    weight, bias = f"vqa_head.{last}.weight", f"vqa_head.{last}.bias"
+    assert state["model"][bias].shape == (len(state["answers"]),)  # the last layer gives one logit per answer
+    state["model"][weight] = torch.zeros_like(state["model"][weight])
+    state["model"][bias] = torch.zeros_like(state["model"][bias])
+    state["model"][bias][winner], state["model"][bias][runner_up] = 8.0, 4.0
+    torch.save(state, out)
+    return state["answers"]
+
+
+def test_ask_names_the_winning_label_from_the_checkpoint(checkpoints, image, tmp_path, capsys):
+    """An answer list shifted by one (or read from elsewhere than the checkpoint) names the wrong
+    answer here: the winning labels are known, not just the shape of the output."""
+    answers = torch.load(checkpoints[1], weights_only=True)["answers"]
+    winner, runner_up = len(answers) // 2, 1  # neither end of the list, so a shift either way shows
+    rigged = str(tmp_path / "rigged.pt")
+    assert rigged_vqa_checkpoint(checkpoints[1], rigged, winner, runner_up) == answers
+    expected = [(answers[winner], round(1 / (1 + math.exp(-8)), 4)),  # the sigmoid of each bias
+                (answers[runner_up], round(1 / (1 + math.exp(-4)), 4))]
+    result = evaluate.main(["ask", "--checkpoint", rigged, "--image", image, "--question", "what shape is it?"])
+    assert [(a["answer"], a["score"]) for a in result["answers"][:2]] == expected
+    assert all(a["score"] == 0.5 for a in result["answers"][2:])  # every other logit is 0
+    assert json.loads(capsys.readouterr().out) == result
+    function = evaluate.answer_question(rigged, image, "is there a red circle?", top=2)
+    assert [(a["answer"], a["score"]) for a in function["answers"]] == expected
 
 
 @pytest.mark.parametrize("command, checkpoint, message", [
@@ -76,7 +117,8 @@ def test_bad_image_and_text_are_clear_errors(checkpoints, image, tmp_path):
     with pytest.raises(SystemExit, match="notes.jpg: cannot decode the image"):
         evaluate.main(["match", "--checkpoint", checkpoints[0], "--image", str(tmp_path / "notes.jpg"), "--text", "a"])
     with pytest.raises(SystemExit, match="missing.png: image file not found"):
-        evaluate.main(["match", "--checkpoint", checkpoints[0], "--image", str(tmp_path / "missing.png"), "--text", "a"])
+        evaluate.main(["match", "--checkpoint", checkpoints[0], "--image", str(tmp_path / "missing.png"),
+                       "--text", "a"])
     with pytest.raises(SystemExit, match="the text is empty"):
         evaluate.main(["match", "--checkpoint", checkpoints[0], "--image", image, "--text", " "])
 

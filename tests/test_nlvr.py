@@ -44,10 +44,14 @@ def run_args(corpus, init, out, **overrides):
 
 
 def official_metrics(predictions_path, labels_path):
-    """The official script's rule (lil-lab/nlvr nlvr2/eval/metrics.py), restated independently:
-    precision = correct / examples, comparing case-insensitively; consistency = the fraction of
-    (every identifier field but the third) groups in which every example is correct. The last
-    line of a repeated identifier wins. Returns (precision, consistency) as fractions."""
+    """The official script's rule (lil-lab/nlvr, nlvr2/eval/metrics.py), restated here because the
+    script is not on any package registry (it cannot be pinned and installed like the other
+    oracles) and runs only as a command that prints. Written from the script, not from
+    evaluate.py: precision = correct / examples, comparing case-insensitively; consistency = the
+    fraction of sentences whose every example is correct, a sentence being the identifier
+    "split-set-pair-sentence" with its third field (the image pair) blanked, as the script's
+    `anon_label[2] = ''` does. The last line of a repeated identifier wins (the script fills a
+    dict). Returns (precision, consistency) as fractions."""
     csv_rows = [line.strip().split(",") for line in open(predictions_path) if line.strip()]
     predicted = {row[0]: row[1] for row in csv_rows}
     examples = [json.loads(line) for line in open(labels_path) if line.strip()]
@@ -101,7 +105,8 @@ def test_score_agrees_with_the_official_script(tmp_path):
     rng = random.Random(0)
     for trial in range(20):
         examples = [record(f"{rng.choice(['dev', 'test1'])}-{s}-{p}-{k}", rng.choice(["True", "False"]))
-                    for s in range(rng.randint(1, 30)) for k in range(rng.randint(1, 2)) for p in range(rng.randint(1, 4))]
+                    for s in range(rng.randint(1, 30)) for k in range(rng.randint(1, 2))
+                    for p in range(rng.randint(1, 4))]
         rng.shuffle(examples)
         labels, preds = tmp_path / "labels.json", tmp_path / "preds.csv"
         write_lines(labels, examples)
@@ -187,7 +192,8 @@ def test_reader_errors_name_file_and_line(tmp_path):
     with pytest.raises(data.DataError, match=r"line 2: 'identifier' is 'dev-0-1'"):
         data.read_nlvr2(str(tmp_path), "dev")
     write_lines(path, [good[0], record("dev-0-7-0", "True")])
-    with pytest.raises(data.DataError, match=r"dev-0-7-img0\.png: image of .*dev\.json, line 2 \(dev-0-7-0\) not found"):
+    with pytest.raises(data.DataError,
+                       match=r"dev-0-7-img0\.png: image of .*dev\.json, line 2 \(dev-0-7-0\) not found"):
         data.read_nlvr2(str(tmp_path), "dev")
     write_lines(tmp_path / "nlvr2/data/train.json", [record("train-0-0-0", "True")])
     with pytest.raises(data.DataError, match=r"train\.json, line 1 \(train-0-0-0\): train records need 'directory'"):
@@ -224,7 +230,10 @@ def test_checkpoint_evaluation_and_scoring(corpus, pretrained, tmp_path):
     assert scored == {k: v for k, v in result.items() if k != "predictions"}
     test1 = evaluate.main(["nlvr2", f"--checkpoint={out}/best.pt", f"--data-root={corpus}", "--split=test1",
                            "--num-workers=0", "--dtype=fp32"])
-    assert os.path.exists(os.path.join(out, "nlvr2_test1_predictions.csv")) and 0 <= test1["accuracy"] <= 100
+    # the test1 file the command wrote, scored by the restated official rule, gives the figures it returned
+    precision, consistency = official_metrics(os.path.join(out, "nlvr2_test1_predictions.csv"),
+                                              os.path.join(corpus, "nlvr2/data/test1.json"))
+    assert (test1["accuracy"], test1["consistency"]) == (round(100 * precision, 2), round(100 * consistency, 2))
     with pytest.raises(SystemExit, match="not an NLVR2 checkpoint"):
         evaluate.main(["nlvr2", f"--checkpoint={pretrained}", f"--data-root={corpus}", "--num-workers=0"])
 
