@@ -48,11 +48,24 @@ class PixelBertConfig:
     cnn_width_per_group: int = 64  # ResNeXt bottleneck width per group (8 for 32x8d, 4 for 32x4d)
     cnn_width: int = 64  # stem channels; stage i has cnn_width * 2**i planes (torchvision: 64)
     norm: str = "frozen"  # BatchNorm: "frozen" (fixed ImageNet statistics) or "batch" (batch statistics)
+    # The CNN's input convention: what its weights were trained to see. An 8-bit RGB image is put in
+    # image_channels order and scaled to [0, image_scale]; then each channel has image_mean subtracted and is
+    # divided by image_std (both in that order and scale). The defaults are torchvision's ImageNet weights;
+    # Detectron's Caffe2 weights (tools/convert_detectron.py) read BGR in 0-255 minus a mean, std 1. load_cnn
+    # sets these from the CNN file, data.normalize_images applies them, and checkpoints carry them.
+    image_channels: str = "RGB"  # "RGB" or "BGR"
+    image_scale: float = 1.0  # 1.0: pixels in [0, 1] (torchvision); 255.0: raw 8-bit values (Detectron)
+    image_mean: tuple = (0.485, 0.456, 0.406)  # per channel, in image_channels order and image_scale units
+    image_std: tuple = (0.229, 0.224, 0.225)
     # Visual embedding (paper 3.2); the two extras are not in the paper and are off by default
     pixel_pool: int = 2  # max-pool of the stride-32 map (paper: 2x2; 1 keeps every cell)
     visual_layernorm: bool = False  # LayerNorm + dropout on the pixel tokens
     visual_position: bool = False  # learned row + column embeddings for the pixel grid
-    max_pixel_grid: int = 32  # rows/columns the position table covers (1333 / 64 -> 21)
+    max_pixel_grid: int = 32  # rows/columns the position table covers (1333 / 64 -> 21; 42 with pixel_pool 1)
+    # The paper's Fig. 2 draws CNN -> conv -> pooling; its size is not given. By default the map is
+    # pooled first and then projected 2048 -> hidden by the 1x1 conv (the authors' follow-up SOHO),
+    # pixel_pool**2 times cheaper; True projects every stride-32 cell first, as the figure reads.
+    pixel_proj_first: bool = False
     # Task heads built on top of the trunk: any of "mlm", "itm", "vqa", "nlvr", "rank"
     heads: tuple = ("mlm", "itm")
     num_answers: int = 0  # VQA answer vocabulary size (needs "vqa" in heads)
@@ -66,6 +79,14 @@ class PixelBertConfig:
         assert self.norm in ("frozen", "batch"), "norm must be frozen or batch"
         assert self.pixel_pool >= 1, "pixel_pool must be >= 1"
         assert self.hidden_size % self.num_heads == 0, "hidden_size must divide into num_heads"
+        # lists (a config.json, an older torch.save) become tuples, so configs compare and print alike
+        self.image_mean, self.image_std = tuple(map(float, self.image_mean)), tuple(map(float, self.image_std))
+        self.image_scale = float(self.image_scale)
+        assert self.image_channels in ("RGB", "BGR"), "image_channels must be RGB or BGR"
+        assert len(self.image_mean) == len(self.image_std) == 3, "image_mean and image_std need 3 values each"
+        assert min(self.image_std) > 0 and self.image_scale > 0, "image_std and image_scale must be positive"
+
+    INPUT_FIELDS = ("image_channels", "image_scale", "image_mean", "image_std")  # a class constant, not a field
 
     @classmethod
     def r50(cls, **overrides):
@@ -75,9 +96,10 @@ class PixelBertConfig:
     @classmethod
     def x152(cls, width_per_group=8, **overrides):
         """The paper's Pixel-BERT-X152: ResNeXt-152 + BERT-base. The paper does not give the
-        ResNeXt's width, so both are here: width_per_group=8 builds 32x8d (detectron's X-152-32x8d,
-        the ResNeXt-152 usually paired with vision-language models), width_per_group=4 builds 32x4d
-        (the ResNeXt paper's template, which the FLOP counts ViLT reprints for Pixel-BERT-X152 fit better)."""
+        ResNeXt's width, so both readings are here: width_per_group=8 (the default) builds 32x8d,
+        the width of Detectron's X-152-32x8d checkpoints; width_per_group=4 builds 32x4d, which the
+        FLOP counts ViLT reprints for Pixel-BERT-X152 fit better. Stage widths: 32 groups x 8 (or 4)
+        channels per group in layer1's 3x3 convs, doubling each stage."""
         return cls(**{**dict(cnn_depth=152, cnn_groups=32, cnn_width_per_group=width_per_group), **overrides})
 
     @classmethod
@@ -423,9 +445,7 @@ class VisualEmbedding(nn.Module):
 
     def __init__(self, c, in_channels):
         super().__init__()
-        # The paper's figure shows a conv here without its size; we pool first, then project
-        # 2048 -> hidden with a 1x1 conv (as the authors' follow-up SOHO), 4x cheaper than the reverse.
-        self.pool = c.pixel_pool
+        self.pool, self.proj_first, self.max_grid = c.pixel_pool, c.pixel_proj_first, c.max_pixel_grid
         self.proj = nn.Conv2d(in_channels, c.hidden_size, 1)
         self.type_embedding = nn.Parameter(torch.zeros(c.hidden_size))  # s_v
         if c.visual_position:
@@ -436,8 +456,14 @@ class VisualEmbedding(nn.Module):
             self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, fmap):  # (B, C, h, w) stride-32 map -> (B, K, H), K = ceil(h/pool) * ceil(w/pool)
-        x = self.proj(F.max_pool2d(fmap, self.pool, ceil_mode=True))  # (B, H, h', w')
+        if self.proj_first:  # conv -> pool (pixel_proj_first: the paper's figure)
+            x = F.max_pool2d(self.proj(fmap), self.pool, ceil_mode=True)  # (B, H, h', w')
+        else:  # pool -> conv (SOHO's order, the default)
+            x = self.proj(F.max_pool2d(fmap, self.pool, ceil_mode=True))  # (B, H, h', w')
         h, w = x.shape[-2:]
+        if hasattr(self, "row_embeddings") and max(h, w) > self.max_grid:
+            raise ValueError(f"a {h}x{w} pixel grid exceeds the position table's {self.max_grid} rows/columns "
+                             f"(max_pixel_grid): use smaller images or a model built for them")
         x = x.flatten(2).transpose(1, 2) + self.type_embedding  # (B, K, H), raster order
         if hasattr(self, "row_embeddings"):
             pos = self.row_embeddings.weight[:h, None] + self.col_embeddings.weight[None, :w]  # (h', w', H)
@@ -571,21 +597,38 @@ class LoadReport:
         return f"loaded {self.source}\n  new (freshly initialised): {short(self.new)}\n  unused: {short(self.unused)}"
 
 
-def read_state_dict(path):
-    """A state dict from a .safetensors / .bin / .pt / .pth file, or a Hugging Face folder.
-    Never unpickles code: torch.load runs with weights_only=True."""
+def read_state_dict(path, extras=None):
+    """A state dict from a .safetensors / .bin / .pt / .pth file, or a Hugging Face folder (its
+    model.safetensors, or pytorch_model.bin when that is the only file or the safetensors package is
+    not installed). Never unpickles code: torch.load runs with weights_only=True. A file holding
+    {"model": state dict, ...} (a training checkpoint, tools/convert_detectron.py's output) gives
+    its "model"; its other entries go into `extras` (a dict) if one is passed."""
     if os.path.isdir(path):
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.exists(os.path.join(path, name)):
-                return read_state_dict(os.path.join(path, name))
-        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
+        names = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, n))]
+        if not names:
+            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
+        if len(names) == 2:
+            try:
+                import safetensors.torch  # noqa: F401  (imported lazily: this file needs only torch)
+            except ImportError:
+                print(f"{path}: the safetensors package is not installed; reading pytorch_model.bin instead")
+                names = names[1:]
+        return read_state_dict(os.path.join(path, names[0]), extras)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such weights file")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{path}: reading a .safetensors file needs the safetensors package: pip install "
+                              f"safetensors (or download the folder's pytorch_model.bin)") from None
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state) if isinstance(state, dict) else state
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        if extras is not None:
+            extras.update((k, v) for k, v in state.items() if k != "model")
+        return state["model"]
+    return state
 
 
 def copy_weights(model, state, source):
@@ -629,20 +672,36 @@ def load_bert(model, path):
 
 def load_cnn(model, path):
     """Load a torchvision ResNet/ResNeXt state dict (e.g. resnet50-11ad3fa6.pth) into model.cnn.
-    The classifier (fc) is reported unused; every backbone tensor must be present."""
+    The classifier (fc) is reported unused; every backbone tensor must be present. The file's input
+    convention becomes model.config's (image_channels, image_scale, image_mean, image_std): the one
+    tools/convert_detectron.py records in its output, else torchvision's (the config's defaults)."""
     own = model.state_dict()
-    state = {}
-    for key, value in read_state_dict(path).items():
+    state, extras = {}, {}
+    for key, value in read_state_dict(path, extras).items():
         if key.endswith("num_batches_tracked") and "cnn." + key not in own:
             continue  # frozen BatchNorm keeps no counter
         if not key.startswith("fc.") and "cnn." + key not in own:
             raise ValueError(f"{path}: checkpoint tensor {key} has no place in the CNN; is cnn_depth/"
                              f"cnn_groups/cnn_width_per_group the checkpoint's?")
         state[key if key.startswith("fc.") else "cnn." + key] = value
+    other = {k: getattr(model.config, k) for k, v in extras.get("architecture", {}).items()
+             if getattr(model.config, k) != v}
+    if other:  # e.g. a 32x4d file for the 32x8d model: named before the shape errors it would cause
+        raise ValueError(f"{path} holds a CNN with {extras['architecture']}; this model has {other}: build the "
+                         f"model the file's way (x152: PixelBertConfig.x152(width_per_group=...))")
     report = copy_weights(model, state, path)
     report.new = [k for k in report.new if k.startswith("cnn.")]  # the rest is not this loader's business
     if report.new:
         raise ValueError(f"{path}: the checkpoint lacks {report.new[:3]}...; not a matching torchvision ResNet")
+    convention = extras.get("input_convention", {k: getattr(PixelBertConfig, k) for k in PixelBertConfig.INPUT_FIELDS})
+    if set(convention) != set(PixelBertConfig.INPUT_FIELDS):
+        raise ValueError(f"{path}: input_convention has {sorted(convention)}, not {list(PixelBertConfig.INPUT_FIELDS)}")
+    for k, v in convention.items():  # in place: the config object the caller holds (and saves) is this one
+        setattr(model.config, k, v)
+    model.config.__post_init__()  # checks the values and makes tuples of them
+    c = model.config
+    report.source += (f" (CNN input: {c.image_channels} in [0, {c.image_scale:g}], mean {c.image_mean}, "
+                      f"std {c.image_std})")
     return report
 
 

@@ -4,14 +4,15 @@ and a real pretrained checkpoint), plus the masking, sampling, gradient and load
 import subprocess
 import sys
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 
-from model import (PixelBert, PixelBertConfig, ResNet, count_parameters, make_optimizers, read_state_dict,
-                   sample_pixels)
-
-torchvision = pytest.importorskip("torchvision")
+from model import (FoldedFrozenBatchNorm2d, FrozenBatchNorm2d, PixelBert, PixelBertConfig, ResNet, count_parameters,
+                   fold_frozen_batchnorm, load_bert, load_cnn, make_optimizers, read_state_dict, sample_pixels)
 
 
 def rel_err(a, b):
@@ -41,7 +42,7 @@ def test_resnet_matches_torchvision(builder, cfg, norm, tmp_path):
     path = tmp_path / f"{builder}.pth"
     torch.save(ref.state_dict(), path)
     model = PixelBert(PixelBertConfig.tiny(norm=norm, cnn_width=64, **cfg)).eval()
-    report = model.load_cnn(str(path))
+    report = load_cnn(model, str(path))
     assert sorted(report.unused) == ["fc.bias", "fc.weight"] and report.new == []
     if norm == "batch":  # the backbone is torchvision's module tree: a strict load works too
         state = {k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}
@@ -90,11 +91,11 @@ def test_bert_matches_transformers(fmt, tmp_path):
         path = tmp_path / "pytorch_model.bin"
         torch.save(state, path)
     model = PixelBert(PixelBertConfig.tiny(**cfg)).eval()
-    report = model.load_bert(str(path))
+    report = load_bert(model, str(path))
     assert sorted(report.new) == ["itm_head.bias", "itm_head.weight"]
     assert sorted(report.unused) == ["cls.seq_relationship.bias", "cls.seq_relationship.weight"]
     ids, mask = padded_batch()
-    with torch.no_grad():
+    with torch.no_grad():  # text only (no image): PixelBert is exactly BERT
         out = ref(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
         hidden, pooled = model(ids, mask)
         ref_pooled = ref.bert(input_ids=ids, attention_mask=mask.long()).pooler_output
@@ -116,7 +117,7 @@ def test_real_pretrained_bert_checkpoint(minilm_dir):
     ref = transformers.BertModel.from_pretrained(minilm_dir).eval()
     model = PixelBert(PixelBertConfig.r50(hidden_size=384, num_layers=6, intermediate_size=1536,
                                           cnn_depth=18, cnn_width=8, heads=())).eval()
-    report = model.load_bert(minilm_dir)
+    report = load_bert(model, minilm_dir)
     assert report.new == [] and report.unused == []
     with torch.no_grad():
         out = ref(input_ids=ids, attention_mask=mask.long())
@@ -170,14 +171,6 @@ def test_sample_output_independent_of_batch():
     assert torch.allclose(batched[0][real], alone[0], atol=1e-5)
 
 
-def test_text_only_is_bert():
-    model = tiny_model().eval()
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        hidden, _ = model(ids, mask)
-    assert hidden.shape == (3, 12, 64)
-
-
 def test_pixel_sampling():
     B, K, n = 4, 30, 10
     tokens = torch.arange(K, dtype=torch.float)[None, :, None].expand(B, K, 3).clone()  # token k holds value k
@@ -211,8 +204,8 @@ def test_every_parameter_gets_a_gradient():
                        visual_layernorm=True, visual_position=True)
     model.train()
     ids, mask = padded_batch(lengths=(12, 7, 3, 5), T=12)
-    images = torch.randn(4, 3, 128, 192)
-    hidden, pooled = model(ids, mask, images, sample_pixel_count=4)
+    images, image_mask = torch.randn(4, 3, 128, 192), torch.ones(4, 128, 192, dtype=torch.bool)
+    hidden, pooled = model(ids, mask, images, image_mask, sample_pixel_count=4)
     loss = (model.mlm_logits(hidden[:, 1:3]).logsumexp(-1).sum() + model.itm_head(pooled).sum()
             + model.vqa_head(pooled).sum() + model.nlvr_head(pooled.view(2, -1)).sum() + model.rank_head(pooled).sum())
     loss.backward()
@@ -220,16 +213,53 @@ def test_every_parameter_gets_a_gradient():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_frozen_batchnorm_and_frozen_stages():
-    model = tiny_model(norm="frozen", frozen_stages=2)
+def randomise_frozen_batchnorm(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def test_frozen_batchnorm_stays_fixed():
+    model = tiny_model(norm="frozen").train()
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert frozen and all(n.startswith(("cnn.conv1", "cnn.layer1")) for n in frozen)
-    sgd, adamw = make_optimizers(model)
-    in_sgd = {id(p) for g in sgd.param_groups for p in g["params"]}
-    assert not any(id(p) in in_sgd for p in model.parameters() if not p.requires_grad)
-    bn = tiny_model(norm="batch", frozen_stages=2).train()
-    assert not bn.cnn.bn1.training and not bn.cnn.layer1[0].bn1.training and bn.cnn.layer2[0].bn1.training
+    # the CNN's only parameters are its conv weights: SGD gets exactly those, and never a norm's
+    convs = {id(m.weight) for m in model.cnn.modules() if isinstance(m, nn.Conv2d)}
+    assert {id(p) for p in model.cnn.parameters()} == convs
+    sgd, _ = make_optimizers(model)
+    assert {id(p) for g in sgd.param_groups for p in g["params"]} == convs
+    randomise_frozen_batchnorm(model)
+    before = copy.deepcopy(model.cnn.state_dict())
+    model.encode_image(torch.randn(2, 3, 64, 96), torch.ones(2, 64, 96, dtype=torch.bool))[0].sum().backward()
+    assert all(torch.equal(before[k], v) for k, v in model.cnn.state_dict().items() if "conv" not in k)
+
+
+@pytest.mark.parametrize("cfg", [dict(cnn_depth=18), dict(cnn_depth=50, cnn_groups=4, cnn_width_per_group=8)])
+def test_fold_frozen_batchnorm(cfg):
+    torch.manual_seed(0)
+    plain = PixelBert(PixelBertConfig.tiny(norm="frozen", **small_bert_config(**cfg))).eval()
+    folded = fold_frozen_batchnorm(copy.deepcopy(plain))
+    norms = [m for m in folded.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert norms and all(type(m) is FoldedFrozenBatchNorm2d for m in norms)  # every norm is folded
+    # Same names and parameters: checkpoints load either way. Loading after folding must reach
+    # the folded convs, which read their norm's buffers at each call.
+    assert list(folded.state_dict()) == list(plain.state_dict())
+    assert [n for n, _ in folded.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    randomise_frozen_batchnorm(plain)
+    folded.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 96, 128)
+    ours, theirs = folded.cnn(x), plain.cnn(x)
+    assert rel_err(ours, theirs) < 1e-5
+    w = torch.randn_like(theirs)  # same loss, so the same gradients w.r.t. the conv weights
+    (ours * w).sum().backward()
+    (theirs * w).sum().backward()
+    for (name, p), q in zip(plain.cnn.named_parameters(), folded.cnn.parameters()):
+        assert rel_err(q.grad, p.grad) < 1e-4, name
+    with pytest.raises(ValueError, match="no FrozenBatchNorm2d"):
+        fold_frozen_batchnorm(tiny_model(norm="batch"))
 
 
 def test_optimizer_groups():
@@ -267,12 +297,33 @@ def test_r50_parameter_count_matches_references():
     assert count_parameters(model) == cnn + bert + mlm_head + visual + heads
 
 
-def test_x152_builds_and_runs():
+@pytest.mark.parametrize("width_per_group", [8, 4])  # ResNeXt-152 32x8d (the default) and 32x4d
+def test_x152_matches_torchvision_resnext(width_per_group):
+    config = PixelBertConfig.x152() if width_per_group == 8 else PixelBertConfig.x152(width_per_group=4)
+    assert (config.cnn_depth, config.cnn_groups, config.cnn_width_per_group) == (152, 32, width_per_group)
+    with torch.device("meta"):  # shapes only: no memory, no arithmetic
+        resnext = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [3, 8, 36, 3], groups=32,
+                                                   width_per_group=width_per_group)
+        cnn = ResNet(PixelBertConfig.x152(width_per_group, norm="batch")).eval()
+        model = PixelBert(config).eval()
+        conv2 = cnn.layer1[0].conv2  # 32 groups of 8 (or 4) channels per group
+        assert conv2.groups == 32 and conv2.in_channels == conv2.out_channels == 32 * width_per_group
+        reference = [(k, v.shape) for k, v in resnext.state_dict().items() if not k.startswith("fc.")]
+        assert [(k, v.shape) for k, v in cnn.state_dict().items()] == reference
+        assert count_parameters(cnn) == count_parameters(resnext) - count_parameters(resnext.fc)
+        x = torch.empty(1, 3, 608, 1000)  # a full-size input: stride-32 map 19 x 32, pooled 10 x 16
+        trunk = nn.Sequential(*list(resnext.children())[:-2]).eval()  # without avgpool and fc
+        assert cnn(x).shape == trunk(x).shape == (1, 2048, 19, 32)
+        tokens, mask = model.encode_image(x, torch.ones(1, 608, 1000, dtype=torch.bool))
+        assert tokens.shape == (1, 10 * 16, 768) and mask.shape == (1, 10 * 16)
+
+
+def test_x152_runs():
     model = PixelBert(PixelBertConfig.x152(num_layers=1)).eval()
-    assert model.cnn.layer3[0].conv2.groups == 32 and len(model.cnn.layer3) == 36
+    images, image_mask = torch.randn(1, 3, 128, 192), torch.ones(1, 128, 192, dtype=torch.bool)
     with torch.no_grad():
-        tokens, mask = model.encode_image(torch.randn(1, 3, 128, 192))
-    assert tokens.shape == (1, 2 * 3, 768) and mask.all()
+        tokens, mask = model.encode_image(images, image_mask)
+    assert tokens.shape == (1, 2 * 3, 768) and mask.all() and tokens.isfinite().all()
 
 
 def test_loader_errors_name_the_key(tmp_path):
@@ -281,19 +332,19 @@ def test_loader_errors_name_the_key(tmp_path):
     bad["bert.embeddings.word_embeddings.weight"] = torch.zeros(999, 64)
     torch.save(bad, tmp_path / "shape.bin")
     with pytest.raises(ValueError, match="word_embeddings.weight has shape"):
-        model.load_bert(str(tmp_path / "shape.bin"))
+        load_bert(model, str(tmp_path / "shape.bin"))
     extra = dict(model.state_dict())
     extra = {k: v for k, v in extra.items() if k.startswith("bert.")}
     extra["bert.encoder.layer.9.output.dense.weight"] = torch.zeros(1)
     torch.save(extra, tmp_path / "layers.bin")
     with pytest.raises(ValueError, match="layer.9.output.dense.weight has no place"):
-        model.load_bert(str(tmp_path / "layers.bin"))
+        load_bert(model, str(tmp_path / "layers.bin"))
     resnet = torchvision.models.resnet34().state_dict()
     torch.save(resnet, tmp_path / "r34.pth")
     with pytest.raises(ValueError, match="has no place in the CNN|has shape"):
-        model.load_cnn(str(tmp_path / "r34.pth"))
+        load_cnn(model, str(tmp_path / "r34.pth"))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        model.load_cnn(str(tmp_path / "nope.pth"))
+        load_cnn(model, str(tmp_path / "nope.pth"))
 
 
 def test_loading_refuses_pickled_code(tmp_path):
@@ -318,8 +369,9 @@ def test_model_imports_only_torch():
 def test_image_index_shares_one_cnn_pass():
     model = tiny_model().eval()
     ids, mask = padded_batch(lengths=(12, 7, 3), T=12)
-    images = torch.randn(2, 3, 128, 128)
+    images, image_mask = torch.randn(2, 3, 128, 128), torch.ones(2, 128, 128, dtype=torch.bool)
+    image_mask[0, 64:] = False
     with torch.no_grad():
-        shared, _ = model(ids, mask, images, image_index=torch.tensor([1, 0, 1]))
-        repeated, _ = model(ids, mask, images[[1, 0, 1]])
+        shared, _ = model(ids, mask, images, image_mask, image_index=torch.tensor([1, 0, 1]))
+        repeated, _ = model(ids, mask, images[[1, 0, 1]], image_mask[[1, 0, 1]])
     assert torch.allclose(shared, repeated, atol=1e-5)
