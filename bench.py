@@ -36,8 +36,8 @@ import checkpoint
 import common
 import data
 from evaluate import retrieval_scores
-from model import (CNN_STRIDE, RESNET_LAYERS, PixelBert, ResNet, make_optimizers, pretraining_losses, sample_pixels,
-                   vqa_loss)
+from model import (CNN_STRIDE, RESNET_LAYERS, PixelBert, ResNet, fold_frozen_batchnorm, make_optimizers,
+                   pretraining_losses, sample_pixels, vqa_loss)
 
 
 @dataclass
@@ -69,8 +69,7 @@ class Config:
 # CPU: 2 cores cannot train r50 at 800x1333 in a 5-minute benchmark, so the CPU default keeps
 # r50 (its matrix shapes are the ones that matter) on 640x480 sources resized to 224 / 373, and
 # runs one thread: on a machine shared with other jobs, two OpenMP threads keep waiting for each
-# other at every operator (measured under load 6: 18 s per bf16 step with two threads, 2.9 s with
-# one). Pass --threads 2 on an idle machine. --quick uses the tiny model with torchvision's stem
+# other at every operator, several times slower than one. Pass --threads 2 on an idle machine. --quick uses the tiny model with torchvision's stem
 # width (64), so that its baseline exists.
 DEFAULTS = {
     "cpu": dict(model="r50", image_min_size=224, image_max_size=373, batch_size=4, accum=1, steps=2, warmup=1,
@@ -84,9 +83,11 @@ DEFAULTS = {
 # The training rows, each named by the flags it adds to plain fp32 or bf16 (fp32 +cl +fused is
 # bf16's like-for-like reference): precision, channels_last, fused optimisers, torch.compile, cuDNN
 # autotuning (torch.backends.cudnn.benchmark), captions per image (1: the paper; 0:
-# --captions-per-image), and the model (ours, or the torchvision + transformers baseline).
-Row = namedtuple("Row", "name task dtype channels_last fused compile autotune captions_per_image impl")
-FLAGS = Row._fields[1:-1]  # what our row and the baseline row compared with it share
+# --captions-per-image), the model (ours, or the torchvision + transformers baseline), and the frozen
+# BatchNorm folded into the convolutions (model.fold_frozen_batchnorm; r50 and x152 only).
+Row = namedtuple("Row", "name task dtype channels_last fused compile autotune captions_per_image impl fold",
+                 defaults=(False,))
+FLAGS = tuple(f for f in Row._fields if f not in ("name", "impl"))  # what our row and its baseline row share
 ROWS = [
     Row("pretrain fp32", "pretrain", "fp32", False, False, False, False, 1, "ours"),
     Row("pretrain fp32 +cl +fused", "pretrain", "fp32", True, True, False, False, 1, "ours"),
@@ -94,6 +95,8 @@ ROWS = [
     Row("pretrain bf16 +channels_last", "pretrain", "bf16", True, False, False, False, 1, "ours"),
     Row("pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, False, 1, "ours"),
     Row("pretrain bf16 +cl +fused +autotune", "pretrain", "bf16", True, True, False, True, 1, "ours"),
+    Row("pretrain fp32 +cl +fused +fold", "pretrain", "fp32", True, True, False, False, 1, "ours", True),
+    Row("pretrain bf16 +cl +fused +fold", "pretrain", "bf16", True, True, False, False, 1, "ours", True),
     Row("pretrain bf16 +cl +fused +captions/image", "pretrain", "bf16", True, True, False, False, 0, "ours"),
     Row("baseline pretrain fp32", "pretrain", "fp32", False, False, False, False, 1, "baseline"),
     Row("baseline pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, False, 1, "baseline"),
@@ -105,9 +108,8 @@ ROWS = [
 ]
 # torch.compile comes last, so that a slow or failing compilation leaves every other row measured.
 # Each device's default rows; any other row runs when named in --rows. The compiled rows are
-# opt-in: compiling r50 + BERT-base forward and backward takes minutes (4.5 on this 2-core CPU,
-# ~1 on an H200 at micro-batch 8; at 32, one attempt had not finished after 200 s). cuDNN
-# autotuning exists only on CUDA.
+# opt-in: compiling r50 + BERT-base forward and backward takes minutes (docs/performance.md).
+# cuDNN autotuning exists only on CUDA.
 DEFAULT_ROWS = {
     "cpu": [r.name for r in ROWS if not r.compile and not r.autotune],
     "cuda": [r.name for r in ROWS if not r.compile],
@@ -198,7 +200,7 @@ def measured_peak(device, dtype, n, repeats):
 
 class ConvCalls(torch.overrides.TorchFunctionMode):
     """Records every 2-D convolution run under it: (input shape, weight shape, stride, padding,
-    dilation, groups). Both nn.Conv2d and model.conv_norm's folded convolution call F.conv2d."""
+    dilation, groups). Both nn.Conv2d and model.FoldedConv2d call F.conv2d."""
 
     def __init__(self):
         super().__init__()
@@ -421,12 +423,14 @@ class RowRun:
     measured on a warm-up step, so rows timed in alternation do not mix their peaks."""
 
     def __init__(self, cfg, row, base_models, device, tmp):
-        name, task, dtype, channels_last, fused, compile, self.autotune, per_image, impl = row
+        name, task, dtype, channels_last, fused, compile, self.autotune, per_image, impl, fold = row
         per_image = per_image or cfg.captions_per_image
         torch.backends.cudnn.benchmark = self.autotune
         if cfg.batch_size % per_image:
             raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of {per_image} captions per image")
         raw = copy.deepcopy(base_models[(task, impl)]).to(device).train()
+        if fold:
+            fold_frozen_batchnorm(raw)
         if channels_last:
             raw.cnn.to(memory_format=torch.channels_last)
         optimizers = make_optimizers(raw, fused=fused or None)
@@ -434,7 +438,7 @@ class RowRun:
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         batch = step_batch(cfg, task, cfg.batch_size, per_image, raw.config.vocab_size,
                            torch.Generator().manual_seed(cfg.seed))
-        batch = common.batch_to_device(batch, device, channels_last)
+        batch = common.batch_to_device(batch, device, channels_last, raw.config)
 
         def loss_fn(b):
             return step_losses(task, model, raw, b, device, dtype, cfg.pixel_samples, cfg.accum)
@@ -692,6 +696,11 @@ def main(argv=None):
     cuda_only = [r.name for r in ROWS if r.name in wanted and r.autotune] if device.type != "cuda" else []
     if cuda_only:
         raise SystemExit(f"--rows: {cuda_only} autotune cuDNN, which needs --device cuda")
+    if model_config(cfg.model, cfg.quick).norm != "frozen":  # only a frozen BatchNorm folds into the convolutions
+        folding = [r.name for r in ROWS if r.name in wanted and r.fold]
+        if cfg.rows and folding:
+            raise SystemExit(f"--rows: {folding} fold a frozen BatchNorm, which the {cfg.model} model does not have")
+        wanted = [n for n in wanted if n not in folding]
     torch.manual_seed(cfg.seed)
     t_start = time.time()
 

@@ -4,11 +4,17 @@ stopped, per-step seeds, preemption signals, and the checks that stop a divergin
 writes NaN into the weights. The training scripts call these around the step they write out.
 """
 
+import atexit
 import dataclasses
+import errno
 import glob
+import json
 import os
 import random
 import signal
+import socket
+import time
+import zipfile
 
 import numpy as np
 import torch
@@ -21,14 +27,26 @@ from data import Tokenizer
 # Checkpoint files
 
 
+class SaveError(OSError):
+    """A checkpoint could not be written (a full disk, a vanished folder); the message names the file."""
+
+
 def save_checkpoint(state, path):
     """Write to a temporary file, flush it to disk, then rename: a crash or SIGKILL at any moment
-    leaves either the old file or the complete new one under `path`, never a partial one."""
+    leaves either the old file or the complete new one under `path`, never a partial one. A write
+    that fails (a full disk) removes its temporary file and names `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SaveError(f"{path}: cannot write it ({save_failure(e)}); the files written before are intact. Free "
+                        f"space or choose another folder, then run the same command again (with --resume if the "
+                        f"run has a checkpoint)") from None
     folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(folder)  # the rename itself survives a power cut
@@ -36,23 +54,55 @@ def save_checkpoint(state, path):
         os.close(folder)
 
 
+def save_failure(error):
+    """What went wrong in torch.save, in words: its C++ writer reports a full disk only as an
+    'enforce fail at inline_container.cc' about a failed or short write."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if getattr(error, "errno", None) == errno.ENOSPC or "inline_container" in text or "write failed" in text:
+        return f"no space left on the device: {text}"
+    return text
+
+
 def save_weights(state, path):
     """A training checkpoint without what only --resume needs (optimisers, fp16 scaler, random
-    states): best.pt and final.pt, for evaluation and --init."""
+    states): best.pt and final.pt, for evaluation and --init. Replaced atomically, and only by the
+    run that holds the folder's lock."""
+    check_owner(os.path.dirname(os.path.abspath(path)))
     save_checkpoint({k: v for k, v in state.items() if k not in ("optimizers", "scaler", "rng")}, path)
 
 
+def checkpoint_step(path):
+    """The step in a ckpt_<step>.pt name, or None for a name that is not one."""
+    digits = os.path.basename(path)[len("ckpt_"): -len(".pt")]
+    return int(digits) if digits.isdigit() else None
+
+
 def step_checkpoints(out_dir):
-    """ckpt_<step>.pt of a run folder, oldest first; temporary files (*.pt.tmp<pid>) never match."""
-    return sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+    """ckpt_<step>.pt of a run folder, oldest step first; temporary files (*.pt.tmp<pid>) and
+    checkpoints set aside as unreadable (*.pt.unreadable) never match."""
+    found = [p for p in glob.glob(os.path.join(out_dir, "ckpt_*.pt")) if checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def is_complete(path):
+    """A torch.save zip archive whose central directory (written last) is in place: a file cut
+    short by a kill or a full disk fails this without being loaded."""
+    return zipfile.is_zipfile(path)
 
 
 def save_step_checkpoint(state, out_dir, step, keep):
-    """ckpt_<step>.pt, then the oldest beyond the last `keep` and the temporary files that killed
-    runs left behind are removed."""
-    save_checkpoint(state, os.path.join(out_dir, f"ckpt_{step:08d}.pt"))
-    for old in step_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        os.remove(old)
+    """ckpt_<step>.pt, then pruning: of the complete checkpoints of earlier steps, all but the
+    newest keep - 1 are removed. Pruning goes by step, never touches a later step's file or an
+    incomplete one, and only runs once the new checkpoint is complete, so the newest loadable
+    checkpoint always stays. Temporary files that killed processes left behind are removed (the
+    folder's lock keeps every other run out, so they are no one's work in progress)."""
+    check_owner(out_dir)
+    path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
+    save_checkpoint(state, path)
+    if keep > 0 and is_complete(path):
+        older = [p for p in step_checkpoints(out_dir) if checkpoint_step(p) < step and is_complete(p)]
+        for old in older[: max(0, len(older) - (keep - 1))]:
+            os.remove(old)
     for stray in glob.glob(os.path.join(out_dir, "*.pt.tmp*")):
         if not stray.endswith(f".tmp{os.getpid()}"):
             os.remove(stray)
@@ -60,15 +110,30 @@ def save_step_checkpoint(state, out_dir, step, keep):
 
 def load_checkpoint(path):
     """Load a checkpoint without unpickling code (weights_only=True): only tensors and plain
-    values are accepted, so a crafted file cannot run anything."""
+    values are accepted, so a crafted file cannot run anything. A bare state dict (tensors only,
+    e.g. torchvision's or pretrain_cnn.py's .pth) is not a checkpoint of these scripts: refused."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a loadable checkpoint ({str(e).splitlines()[0]}); it may be truncated, "
-                         f"or contain objects other than tensors and plain values, which are refused because "
-                         f"unpickling them could run code: use checkpoints written by these scripts") from None
+        raise ValueError(f"{path}: not a loadable checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                         f"); it may be truncated, or contain objects other than tensors and plain values, which are "
+                         f"refused because unpickling them could run code: use checkpoints written by these "
+                         f"scripts") from None
+    if not isinstance(state, dict) or state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: a bare state dict, not a checkpoint written by these scripts (it has no "
+                         f"model_config); pass CNN weights with --cnn, BERT weights with --bert, or a "
+                         f"pretrain.py final.pt / fine-tuning best.pt with --init")
+    return state
+
+
+def set_aside(path):
+    """An unreadable checkpoint is renamed <name>.unreadable (rank 0 only), kept for a look but
+    out of the way: neither the next --resume nor pruning takes it for a checkpoint."""
+    if int(os.environ.get("RANK", 0)) == 0 and os.path.exists(path):
+        os.replace(path, path + ".unreadable")
+        print0(f"--resume: set {path} aside as {path}.unreadable")
 
 
 def rng_state():
@@ -95,8 +160,9 @@ def last_good(out_dir):
 
 def init_and_tokenizer(cfg):
     """The --init checkpoint, loaded once ({} without one; common.build_model takes it), and the
-    run's WordPiece tokenizer from --vocab, else the --bert folder's vocab.txt, else
-    <data-root>/vocab.txt, which must be the vocabulary the checkpoint was trained with."""
+    run's WordPiece tokenizer: from --vocab, else the vocabulary the --init checkpoint was
+    trained with (saved in it), else the --bert folder's vocab.txt, else <data-root>/vocab.txt.
+    A --vocab must be the checkpoint's own."""
     if cfg.init and not os.path.exists(cfg.init) and cfg.data == "demo":
         raise SystemExit(f"--init {cfg.init}: not found. The demo fine-tunes the demo pre-training's checkpoint: "
                          f"run `python3 pretrain.py` first")
@@ -104,11 +170,17 @@ def init_and_tokenizer(cfg):
         init_state = load_checkpoint(cfg.init) if cfg.init else {}
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--init {e}") from None
+    if cfg.init and not (isinstance(init_state, dict) and "model_config" in init_state and "model" in init_state):
+        raise SystemExit(f"--init {cfg.init}: not a Pixel-BERT checkpoint (no model_config / model): pass a "
+                         f"checkpoint these scripts wrote (BERT or ResNet weights go to --bert / --cnn)")
+    if init_state.get("vocab") and not cfg.vocab:
+        return init_state, Tokenizer(init_state["vocab"], cfg.max_text_len)
     vocab = cfg.vocab or (os.path.join(cfg.bert, "vocab.txt") if os.path.isdir(cfg.bert) else
                           os.path.join(cfg.data_root, "vocab.txt"))
     tokenizer = Tokenizer(vocab, cfg.max_text_len)
     if init_state.get("vocab") not in (None, tokenizer.vocab_tokens()):
-        raise SystemExit(f"{cfg.init} was trained with another WordPiece vocabulary than {vocab}; pass --vocab")
+        raise SystemExit(f"--vocab {vocab}: {cfg.init} was trained with another WordPiece vocabulary; drop --vocab "
+                         f"to use the checkpoint's")
     return init_state, tokenizer
 
 
@@ -124,6 +196,7 @@ def resume(out_dir, model, optimizers, scaler, config=None):
             break
         except ValueError as e:
             print0(f"--resume: skipping {e}")
+            set_aside(path)
     else:
         raise SystemExit(f"--resume: no loadable checkpoint (ckpt_*.pt) in {out_dir}")
     check_same_model(state.get("model_config", {}), dataclasses.asdict(model.config), path)
@@ -168,20 +241,242 @@ def _plain(value):
 # Keeping a run alive: checks before any work, per-step seeds, divergence, preemption
 
 
-def prepare_out_dir(out_dir, resume):
-    """Fail before any work when the run folder cannot be written, or --resume has nothing to
-    resume from. Every process checks (on several nodes the folder must be shared)."""
+def prepare_out_dir(cfg, ddp=None):
+    """Before any work: the weight files named by --cnn / --bert are weight files, the run
+    folder can be written (by every process: on several nodes it must be shared), rank 0 holds
+    its lock (every process sees it), and the folder is this run's: empty, or --resume of the
+    run in it with the same settings (see check_this_run). Every process raises the same error."""
+    rank = ddp.rank if ddp else int(os.environ.get("RANK", 0))
+    errors = [weight_file_error(cfg) or writable_error(cfg.out_dir, rank)]
+    if rank == 0 and not errors[0]:
+        try:
+            take_lock(cfg.out_dir)
+            check_this_run(cfg.out_dir, cfg.resume, dataclasses.asdict(cfg))
+        except SystemExit as e:
+            release_lock(cfg.out_dir)
+            errors[0] = str(e.code)
+    errors = gather(errors[0])
+    if not any(errors):
+        errors = gather(None if rank == 0 else lock_visible_error(cfg.out_dir, rank))
+    first = next((e for e in errors if e), None)
+    if first:
+        raise SystemExit(first)
+
+
+def gather(error):
+    """Every process's error (or None), in rank order, on every process."""
+    if not dist.is_initialized():
+        return [error]
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return errors
+
+
+def writable_error(out_dir, rank):
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write_test_rank{os.environ.get('RANK', 0)}")
+        probe = os.path.join(out_dir, f".write_test_rank{rank}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise SystemExit(f"--out-dir {out_dir}: cannot write there ({e.strerror}); choose a writable folder") from None
-    if resume and not step_checkpoints(out_dir):
-        raise SystemExit(f"--resume: no checkpoint (ckpt_*.pt) in {out_dir}; drop --resume to start a new run, "
-                         f"or pass the --out-dir of the run to continue")
+        return f"--out-dir {out_dir}: cannot write there ({e.strerror}); choose a writable folder"
+    return None
+
+
+def weight_file_error(cfg):
+    """--cnn / --bert files that are not weight files, named before any work (torch.load itself
+    says only e.g. 'pop from empty list' about a text file). A folder (--bert) is read later."""
+    for flag, what in (("cnn", "a torchvision ResNet / ResNeXt state dict (.pth)"),
+                       ("bert", "a Hugging Face BERT folder, .safetensors or .bin")):
+        path = getattr(cfg, flag, "")
+        if not path or os.path.isdir(path):
+            continue
+        if not os.path.isfile(path):
+            return f"--{flag} {path}: file not found; pass {what}"
+        kind = weights_format(path)
+        if kind is None:
+            return f"--{flag} {path}: not a weights file (neither torch.save's format nor safetensors); pass {what}"
+        if kind == "zip" and not zipfile.is_zipfile(path):
+            return f"--{flag} {path}: the file is incomplete (cut short while copying or downloading?); fetch it again"
+    return None
+
+
+def weights_format(path):
+    """'zip' (torch.save since 1.6), 'pickle' (older torch.save), 'safetensors', or None, from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
+        return "safetensors"
+    return None
+
+
+def check_output_files(**paths):
+    """Output files of a command (flag name -> path, None when not given): their folders must
+    exist and be writable before the work that produces them, not after it."""
+    for flag, path in paths.items():
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise SystemExit(f"--{flag.replace('_', '-')} {path}: the folder {folder} does not exist; create it "
+                             f"or choose another path")
+        if not os.access(folder, os.W_OK):
+            raise SystemExit(f"--{flag.replace('_', '-')} {path}: cannot write in {folder}; choose another path")
+
+
+# -----------------------------------------------------------------------------
+# Whose folder it is: one run per folder, held by a lock; --resume continues that run only
+
+LOCK = "run.lock"
+# What a run writes: a folder holding any of these holds a run.
+RUN_FILES = ("config.json", "metrics.jsonl", "final.pt", "best.pt", "ans2label.json")
+# Flags that say how to run, not what to train: a resumed run may change them (more steps or
+# epochs, other hardware, precision or workers, the data or the run folder moved elsewhere; the
+# weights to start from are the checkpoint's, so --init / --cnn / --bert no longer matter; --cnn-lr
+# may unfreeze a CNN that was fixed so far: resume() gives it a fresh optimiser). Every other flag
+# must be the one the run was started with.
+RESUME_MAY_CHANGE = ("resume", "out_dir", "max_steps", "epochs", "num_workers", "device", "dtype", "compile",
+                     "channels_last", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "batch_size",
+                     "skip_bad_images", "data_root", "init", "cnn", "bert", "cnn_pretrain_epochs", "cnn_lr")
+
+
+def lock_owner():
+    return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def read_lock(path):
+    try:
+        with open(path) as f:
+            held = json.load(f)
+        return held if isinstance(held, dict) and "pid" in held and "host" in held else None
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def lock_state(held):
+    """'mine' (this process: an earlier main() of the same process), 'stale' (its process is
+    gone: a dead pid on this host, or an earlier attempt of this SLURM job, which a requeue may
+    start on another node) or 'held'."""
+    me = lock_owner()
+    if held is None:
+        return "stale"  # not written by take_lock, which writes the whole file before it appears
+    if held["host"] == me["host"]:
+        if held["pid"] == me["pid"]:
+            return "mine"
+        return "held" if pid_alive(held["pid"]) else "stale"
+    return "stale" if me["slurm_job"] and held.get("slurm_job") == me["slurm_job"] else "held"
+
+
+def take_lock(out_dir):
+    """Create <out_dir>/run.lock (pid, host, SLURM job) or refuse: the file is complete before it
+    appears (written aside, then hard-linked, which fails if a lock exists). A stale lock is
+    reported and replaced. Released at exit (release_lock)."""
+    path, tmp = os.path.join(out_dir, LOCK), os.path.join(out_dir, f".{LOCK}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(lock_owner(), f)
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)
+                break
+            except FileExistsError:
+                held = read_lock(path)
+                state = lock_state(held)
+                if state == "mine":
+                    break
+                if state == "held":
+                    raise SystemExit(f"--out-dir {out_dir}: in use by another run (pid {held['pid']} on "
+                                     f"{held['host']}, since {held.get('started', '?')}); wait for it to end or choose "
+                                     f"another --out-dir (if no such run is alive, delete {path})") from None
+                print0(f"{path}: taking over the stale lock of a run that is no longer alive ({held})")
+                os.remove(path)
+        else:
+            raise SystemExit(f"--out-dir {out_dir}: could not take {path}; another run is starting there")
+    finally:
+        os.remove(tmp)
+    atexit.register(release_lock, out_dir)
+
+
+def release_lock(out_dir):
+    path = os.path.join(out_dir, LOCK)
+    held = read_lock(path)
+    if held and held["pid"] == os.getpid() and held["host"] == socket.gethostname():
+        os.remove(path)
+
+
+def lock_visible_error(out_dir, rank):
+    if not os.path.exists(os.path.join(out_dir, LOCK)):
+        return (f"--out-dir {out_dir}: rank {rank} on {socket.gethostname()} does not see the lock rank 0 wrote "
+                f"there; with several nodes --out-dir must be on a file system every node shares")
+    return None
+
+
+def check_owner(out_dir):
+    """Refuse to write into a folder whose lock another live process holds."""
+    held = read_lock(os.path.join(out_dir, LOCK))
+    if held is not None and lock_state(held) == "held":
+        raise SaveError(f"{out_dir}: locked by another run (pid {held['pid']} on {held['host']}); not writing there")
+
+
+def saved_config(out_dir):
+    """The flags of the run in out_dir (config.json's "config"), or None."""
+    try:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            saved = json.load(f)
+        return saved.get("config") if isinstance(saved, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def config_changes(saved, config):
+    """'--flag old -> new' for each flag that differs (and that a resumed run may not change)."""
+    config = json.loads(json.dumps(config))  # tuples as lists, as config.json has them
+    return [f"--{k.replace('_', '-')} {saved[k]} -> {config[k]}" for k in config
+            if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != config[k]]
+
+
+def check_this_run(out_dir, resume, config):
+    """A run writes only into a folder that is empty of run files, or that holds this same run:
+    --resume needs a checkpoint and the same flags (but RESUME_MAY_CHANGE); without --resume,
+    only a start that never reached a checkpoint may start again, with the same flags.
+    Anything else is refused, naming the folder and the two ways on."""
+    checkpoints = step_checkpoints(out_dir)
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))] + [os.path.basename(p) for p in
+                                                                                  checkpoints[-2:]]
+    saved = saved_config(out_dir)
+    changes = config_changes(saved, config) if saved is not None else []
+    if resume:
+        if not checkpoints:
+            raise SystemExit(f"--resume: no checkpoint (ckpt_*.pt) in {out_dir}; drop --resume to start a new run, "
+                             f"or pass the --out-dir of the run to continue")
+        if changes:
+            raise SystemExit(f"--resume: {out_dir} holds a run with other settings ({'; '.join(changes)}); resume it "
+                             f"with its own flags ({os.path.join(out_dir, 'config.json')}), or start this run in a new "
+                             f"--out-dir")
+        return
+    if not found:
+        return
+    if checkpoints or saved is None or changes:
+        what = f"with other settings ({'; '.join(changes)})" if changes else f"({', '.join(found)})"
+        raise SystemExit(f"--out-dir {out_dir} holds another run {what}; nothing was changed. To continue that run, "
+                         f"pass --resume with its flags; to start a new one, choose a new --out-dir")
+    print0(f"{out_dir}: this run was started before and stopped before its first checkpoint; starting it again")
 
 
 def seed_step(seed, rank, step):

@@ -8,10 +8,16 @@ checkpoints, resuming and preemption live in checkpoint.py.
 import argparse
 import dataclasses
 import functools
+import inspect
+import io
 import json
+import math
 import os
+import re
 import sys
 import time
+import tokenize
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -20,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import normalize_images
+from data import PAD_MULTIPLE, normalize_images
 from model import PixelBert, PixelBertConfig, copy_weights, count_parameters, load_bert, load_cnn
 
 # -----------------------------------------------------------------------------
@@ -75,8 +81,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 @functools.cache  # asked at every autocast with --dtype auto; the hardware does not change
 def native_bf16(device):
     """Whether the device multiplies bf16 matrices in hardware: CUDA GPUs from Ampere on, CPUs
-    with AMX or AVX512-BF16. Other CPUs emulate it: on a 2-core AMD EPYC (AVX2) a 1024x1024
-    matrix product ran at 1.3 GFLOP/s in bf16 against 115 in fp32."""
+    with AMX or AVX512-BF16. Other CPUs emulate it, far slower than fp32 (docs/performance.md)."""
     if device.type == "cuda":  # by default the check also counts bf16 emulated on pre-Ampere GPUs
         try:
             return torch.cuda.is_bf16_supported(including_emulation=False)
@@ -103,7 +108,7 @@ def resolve_dtype(dtype, device):
 
 def autocast(device, dtype):
     """bf16 / fp16 autocast, or nothing for fp32 ("auto": see resolve_dtype). Matrix products then
-    run in half precision (bf16 on the CPU's AMX units is ~9x fp32); reductions and the losses stay
+    run in half precision (on the CPU's AMX units bf16 is several times fp32); reductions and the losses stay
     in fp32."""
     dtype = resolve_dtype(dtype, device) if dtype == "auto" else dtype
     if dtype == "fp32":
@@ -112,24 +117,237 @@ def autocast(device, dtype):
 
 
 # -----------------------------------------------------------------------------
-# Configuration: one dataclass per script, flags generated from its fields
+# Configuration: one dataclass per script, flags generated from its fields and checked before any work
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with a bad flag reported as one line that starts with the flag (a SystemExit: run
+    exits with status 2) instead of the usage text followed by the error."""
+
+    def error(self, message):
+        for prefix, what in (("unrecognized arguments: ", "unknown flag"), ("the following arguments are required: ",
+                                                                           "required")):
+            if message.startswith(prefix):
+                message = f"{message.removeprefix(prefix)}: {what}"
+        raise SystemExit(f"{message.removeprefix('argument ')} (see {self.prog} --help)")
+
+
+def at_least(minimum):
+    """An argparse type for a count: an integer >= minimum, refused in check_config's words."""
+    def count(text):
+        value = int(text)  # not a number: argparse says "invalid count value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, not {value}")
+        return value
+    return count
+
+
+def refuse(flag, value, what):
+    """The one-line refusal of a bad setting: the flag, its value, and what to do."""
+    return SystemExit(f"--{flag.replace('_', '-')} {f'{value:g}' if isinstance(value, float) else value}: {what}")
+
+
+# What a count, rate or size may be, by field name: one meaning per flag name in every script.
+LIMITS = {**dict.fromkeys(("batch_size", "global_batch", "captions_per_image", "questions_per_image", "eval_images",
+                           "eval_pairs", "minival_images", "score_batch", "negatives", "hard_negatives",
+                           "min_answer_count", "pixel_pool", "log_every", "ckpt_every", "keep_checkpoints"), ">= 1"),
+          **dict.fromkeys(("epochs", "lr"), "> 0"),
+          **dict.fromkeys(("max_steps", "cnn_pretrain_epochs", "weight_decay", "cnn_weight_decay", "cnn_lr",
+                           "warmup_steps", "grad_clip", "pixel_samples", "num_workers", "eval_every", "seed"), ">= 0"),
+          **dict.fromkeys(("mask_prob", "itm_neg_prob", "dropout", "warmup_start", "cnn_momentum"), "in [0, 1]"),
+          "image_min_size": ">= 64",  # one pixel token: the CNN's stride 32, pooled 2x2
+          "image_size": ">= 32",  # one cell of the CNN's stride-32 map
+          "max_text_len": ">= 3"}  # [CLS], one word piece, [SEP]
+WITHIN = {">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0,
+          "in [0, 1]": lambda v: 0 <= v <= 1, ">= 64": lambda v: v >= 64, ">= 32": lambda v: v >= 32,
+          ">= 3": lambda v: v >= 3}
+
+# --model x152's images, unless given: shorter side 600, longer side at most 1000 (paper 4.1).
+MODEL_PRESETS = {"x152": dict(image_min_size=600, image_max_size=1000)}
+
+DEMO_MARKER = "DEMO_CORPUS.json"  # tools/synthetic.py marks the demo corpus with it
+# Where a --data value's official files show under --data-root (README: Real data, layout on disk).
+DATA_FILES = {"coco": ["coco/dataset_coco.json"], "coco2014": ["coco/annotations/captions_train2014.json"],
+              "vg": ["vg/region_descriptions.json"],
+              "coco_vg": ["coco/dataset_coco.json", "vg/region_descriptions.json"],
+              "vqa": ["vqa"], "nlvr2": ["nlvr2/data"], "flickr30k": ["flickr30k/dataset_flickr30k.json"]}
 
 
 def parse_config(cls, presets=None, argv=None):
-    """--kebab-case flags from the dataclass fields. A value comes from, in increasing
-    priority: the field default, the preset named by --data (if presets has it), the flag."""
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """--kebab-case flags from the dataclass fields, each with its comment as help (config_parser).
+    A value comes from, in increasing priority: the field default, --model's image sizes
+    (MODEL_PRESETS, for scripts with presets), the preset named by --data, the flag. --data
+    defaults to demo only on the demo corpus (data_choice); --init's checkpoint decides --model
+    (init_model). The training scripts then call check_config."""
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    given = vars(config_parser(cls, presets).parse_args(argv))
+    if "data" in fields:
+        given["data"] = data_choice(cls, given.get("data"), given.get("data_root", fields["data_root"]))
+    preset = (presets or {}).get(given.get("data"), {})
+    values = {**fields, **preset, **given}
+    model = init_model(values["init"], given.get("model"), values["model"]) if values.get("init") else values["model"]
+    model_preset = MODEL_PRESETS.get(model, {}) if presets is not None else {}
+    return cls(**{**fields, **model_preset, **preset, **given, "model": model})
+
+
+def config_parser(cls, presets=None):
+    """The parser of a config dataclass: a flag per field in the groups its section comments open,
+    each help the field's comment followed by its range, its default and what the presets change."""
+    helps, sections = field_docs(cls)
+    labelled = {**(presets or {}), **(MODEL_PRESETS if presets is not None else {})}
+    parser = FlagParser(allow_abbrev=False, description=(cls.__doc__ or "").strip(), epilog=(
+        "In parentheses: the range, the default, and the value under a preset (demo: with --data demo, the default on "
+        "the demo corpus; x152: with --model x152)." if presets is not None else None))
+    group = parser
     for f in dataclasses.fields(cls):
+        if f.name in sections:
+            group = parser.add_argument_group(*sections[f.name])
+        notes = [LIMITS[f.name]] if f.name in LIMITS else []
+        notes.append("default: demo on the demo corpus, else required" if f.name == "data" and presets is not None
+                     else f"default: {shown(f.default)}")
+        notes += [f"{label}: {shown(values[f.name])}" for label, values in labelled.items() if f.name in values]
+        text = f"{helps.get(f.name, '')} ({'; '.join(notes)})".replace("%", "%%")  # argparse formats % itself
+        kwargs = dict(default=argparse.SUPPRESS, help=text)
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(f.type) is typing.Literal:
+            group.add_argument(flag, choices=typing.get_args(f.type), **kwargs)
         else:
-            parser.add_argument(flag, type=f.type, default=argparse.SUPPRESS, metavar=f.type.__name__.upper(),
-                                help=f"default {f.default!r}")
-    given = vars(parser.parse_args(argv))
-    preset = (presets or {}).get(given.get("data", getattr(cls, "data", None)), {})
-    return cls(**{**preset, **given})
+            group.add_argument(flag, type=f.type, metavar=f.type.__name__.upper(), **kwargs)
+    return parser
+
+
+def shown(value):
+    """A default as --help shows it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value) if value != "" else "none"
+
+
+def field_docs(cls):
+    """The help of each field and the dataclass's sections, read from its source: the comment that
+    ends a field's line is that field's help (continued on the comment lines right below it that
+    start with "#  ", two spaces), and a comment on a line of its own ("# title: description")
+    opens a section at the next field. Returns ({field: help}, {first field: (title, description)})."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    source = inspect.getsource(cls)
+    comments = {t.start[0]: t.string for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                if t.type == tokenize.COMMENT}
+    helps, sections, field, section = {}, {}, None, None
+    for number, line in enumerate(source.splitlines(), start=1):
+        comment, name = comments.get(number, ""), re.match(r"\s*(\w+)\s*:", line)
+        if name and name[1] in names:
+            field, helps[name[1]] = name[1], comment[1:].strip()
+            if section:
+                sections[field], section = section, None
+        elif comment and line.strip() == comment:  # a comment on a line of its own
+            if comment.startswith("#  ") and field:
+                helps[field] += " " + comment[1:].strip()
+            else:
+                title, _, description = comment[1:].partition(":")
+                section, field = (title.strip(), description.strip() or None), None
+    return helps, sections
+
+
+def data_choice(cls, data, root):
+    """--data as given, else demo where --data-root is the demo corpus, or a folder still empty
+    (pretrain.py renders the corpus there). Real data must be named: the demo preset (the tiny
+    model, small images, its rates) would otherwise train on it without a word."""
+    real = os.path.isdir(root) and any(os.scandir(root)) and not os.path.exists(os.path.join(root, DEMO_MARKER))
+    if not real or data not in (None, "demo"):
+        return data or "demo"
+    choices = [c for c in typing.get_args(cls.__dataclass_fields__["data"].type) if c in DATA_FILES]
+    found = sorted((c for c in choices if all(os.path.exists(os.path.join(root, p)) for p in DATA_FILES[c])),
+                   key=lambda c: -len(DATA_FILES[c]))  # coco_vg (the paper's) before its parts
+    what = (f"pass --data {found[0]}" + (f" (also there: {', '.join(found[1:])})" if found[1:] else "") if found else
+            f"choose --data from {', '.join(choices)} (none of their files is there: README, Real data)")
+    if data == "demo":
+        raise refuse("data", "demo", f"{root} is not the demo corpus (it has no {DEMO_MARKER}); {what}")
+    raise refuse("data-root", root, f"real data (not the demo corpus) needs --data to say which: {what}")
+
+
+MODELS = {"tiny": PixelBertConfig.tiny, "r50": PixelBertConfig.r50, "x152": PixelBertConfig.x152}
+ARCHITECTURE = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "cnn_depth", "cnn_groups",
+                "cnn_width_per_group", "cnn_width")
+
+
+def checkpoint_model_config(path):
+    """A checkpoint's model_config, read without its tensors (memory-mapped), or None when it does
+    not load: checkpoint.init_and_tokenizer then says why."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return state.get("model_config") if isinstance(state, dict) else None
+
+
+def init_model(path, asked, default):
+    """--model of a run from --init: the preset whose architecture the checkpoint holds ("custom"
+    for none). A trained model cannot change its architecture, so a --model given that differs is
+    refused rather than ignored."""
+    saved = checkpoint_model_config(path)
+    if saved is None:
+        return asked or default
+    name = next((n for n, preset in MODELS.items() if all(saved.get(k) == getattr(preset(), k) for k in ARCHITECTURE)),
+                "custom")
+    if asked and asked != name:
+        raise refuse("model", asked, f"--init {path} holds a {name} model ({saved.get('num_layers')} layers of "
+                                     f"{saved.get('hidden_size')}, ResNet-{saved.get('cnn_depth')}), which --init "
+                                     f"decides: drop --model, or --init a {asked} checkpoint")
+    return name
+
+
+def check_config(cfg):
+    """Every setting of a training script, checked before any work: ranges (LIMITS), image sizes
+    and text length within what the model takes, --lr-milestones, and the weights a paper-scale
+    run starts from. A bad one raises refuse's one line."""
+    values = dataclasses.asdict(cfg)
+    for name, value in values.items():
+        if name in LIMITS and not (math.isfinite(value) and WITHIN[LIMITS[name]](value)):
+            raise refuse(name, value, f"must be {LIMITS[name]}")
+    if "image_max_size" in values and cfg.image_max_size < cfg.image_min_size:
+        raise refuse("image_max_size", cfg.image_max_size, f"must be >= --image-min-size ({cfg.image_min_size})")
+    if "lr_milestones" in values:
+        try:
+            assert all(float(m) > 0 for m in cfg.lr_milestones.split(",") if m)
+        except (ValueError, AssertionError):
+            raise refuse("lr_milestones", cfg.lr_milestones, "comma-separated epochs > 0, e.g. 25,35") from None
+    if "init" in values:
+        check_weights(cfg)
+        check_model_fits(cfg, (cfg.init and checkpoint_model_config(cfg.init)) or dataclasses.asdict(
+            MODELS[cfg.model](pixel_pool=cfg.pixel_pool, visual_position=cfg.visual_position)))
+
+
+def check_weights(cfg):
+    """A paper-scale model (r50, x152) on real data starts from --bert and --cnn, or --init:
+    from random weights (its CNN with ImageNet's BatchNorm replaced by identities) it would spend
+    its whole budget for nothing, so that takes an explicit --from-scratch."""
+    if cfg.init and (cfg.bert or cfg.cnn):
+        raise refuse("init", cfg.init, "holds every weight, so --bert / --cnn would be ignored: drop them")
+    if cfg.init and cfg.from_scratch:
+        raise refuse("init", cfg.init, "and --from-scratch contradict each other: drop one")
+    missing = [f"--{name}" for name in ("bert", "cnn") if not getattr(cfg, name)]
+    if getattr(cfg, "cnn_pretrain_epochs", 0):
+        missing = [m for m in missing if m != "--cnn"]  # pretrain.py trains the CNN first
+    if cfg.data != "demo" and cfg.model != "tiny" and not cfg.init and missing and not cfg.from_scratch:
+        raise refuse("model", cfg.model, f"without {' and '.join(missing)} (or --init) the model starts from random "
+                                         f"weights: pass {' and '.join(missing)} (README: Weights), or --from-scratch "
+                                         f"if that is meant")
+
+
+def check_model_fits(cfg, model_config):
+    """--max-text-len within the model's position table, and with learned pixel positions, the
+    largest image within its grid (model_config: --init's, else the --model preset's)."""
+    if cfg.max_text_len > model_config["max_position_embeddings"]:
+        raise refuse("max_text_len", cfg.max_text_len, f"the model has {model_config['max_position_embeddings']} "
+                                                       f"text positions: use at most that")
+    cell = 32 * model_config["pixel_pool"]  # image pixels per pixel-token side
+    padded = -(-cfg.image_max_size // PAD_MULTIPLE) * PAD_MULTIPLE
+    grid = model_config.get("max_pixel_grid", 32)
+    if model_config.get("visual_position") and -(-padded // cell) > grid:
+        raise refuse("image_max_size", cfg.image_max_size, f"the learned pixel positions cover {grid} tokens of {cell} "
+                                                           f"px a side: use at most {grid * cell}")
 
 
 # -----------------------------------------------------------------------------
@@ -180,18 +398,18 @@ def batch_plan(global_batch, batch_size, world_size, texts_per_image, flag):
 
 def model_preset(name, **overrides):
     """The PixelBertConfig of a --model preset (tiny, r50, x152) with some fields changed."""
-    presets = {"tiny": PixelBertConfig.tiny, "r50": PixelBertConfig.r50, "x152": PixelBertConfig.x152}
-    if name not in presets:
-        raise SystemExit(f"--model {name}: choose one of {', '.join(presets)}")
-    return presets[name](**overrides)
+    if name not in MODELS:
+        raise SystemExit(f"--model {name}: choose one of {', '.join(MODELS)}")
+    return MODELS[name](**overrides)
 
 
 def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
     """PixelBert for a script's config, with a report of what was loaded and what stayed new.
     From --init (`init_state`: that checkpoint, loaded by checkpoint.init_and_tokenizer), the
     trunk's architecture is the checkpoint's own (only the heads and dropout are this run's);
-    otherwise it is the --model preset with the script's visual-embedding flags, optionally
-    initialised from --bert and --cnn. --cnn-lr 0 (where a script has it) fixes the CNN."""
+    otherwise it is the --model preset with the script's visual-embedding flags, initialised
+    from --bert and --cnn (or, with --from-scratch, not). --cnn-lr 0 (where a script has it)
+    fixes the CNN."""
     if cfg.init:
         state = init_state
         if state["model_config"]["vocab_size"] != vocab_size:
@@ -202,9 +420,13 @@ def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
         model = PixelBert(model_cfg)
         print0(copy_weights(model, state["model"], cfg.init))
     else:
+        # --from-scratch without --cnn: fixed BatchNorm would keep its identity statistics, so the CNN
+        # learns batch statistics instead, as the tiny model's does
+        scratch = dict(norm="batch") if getattr(cfg, "from_scratch", False) and not cfg.cnn else {}
         model = PixelBert(model_preset(cfg.model, vocab_size=vocab_size, dropout=cfg.dropout, heads=heads,
                                        num_answers=num_answers, pixel_pool=cfg.pixel_pool,
-                                       visual_layernorm=cfg.visual_layernorm, visual_position=cfg.visual_position))
+                                       visual_layernorm=cfg.visual_layernorm, visual_position=cfg.visual_position,
+                                       **scratch))
         if cfg.bert:
             print0(load_bert(model, cfg.bert))
         if cfg.cnn:
@@ -231,12 +453,14 @@ def wrap_model(model, ddp, compile=False):
     return torch.compile(model) if compile else model
 
 
-def batch_to_device(batch, device, channels_last):
-    """Tensors to the device; images from uint8 to ImageNet-normalised floats there (a quarter
-    of the bytes cross the bus), in channels-last layout if asked."""
+def batch_to_device(batch, device, channels_last, model_config=None):
+    """Tensors to the device; images from uint8 to normalised floats there (a quarter of the
+    bytes cross the bus), in channels-last layout if asked. model_config: the model's
+    PixelBertConfig, whose input convention (channel order, scale, mean, std: what its CNN's
+    weights expect) normalize_images applies; pass it always (None: torchvision's ImageNet RGB)."""
     batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if "images" in batch:
-        batch["images"] = normalize_images(batch["images"])
+        batch["images"] = normalize_images(batch["images"], model_config)
         if channels_last:
             batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
     return batch
@@ -317,3 +541,69 @@ def write_json(path, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# The scripts' top level: every error ends a run with one line, never a stack trace
+
+EXIT_BAD_DATA, EXIT_BAD_FLAG, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def run(main, argv=None):
+    """Each script's `__main__` block: main(argv), with every error reported as one line on
+    stderr ("error: <what, naming the file, record or flag, and what to do>") and an exit status
+    that says its kind: 2 for a bad flag (a SystemExit whose message starts with the flag,
+    "--batch-size 0: ..."), 1 for bad data or a failed run, 130 for Ctrl-C. An integer SystemExit
+    passes through unchanged: 0, argparse's 2, and preemption's 75 (checkpoint.EXIT_PREEMPTED).
+    An error no check foresaw is one line too, with its type; PIXELBERT_TRACEBACK=1 shows its stack."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            raise
+        message = str(e.code)
+        fail(message, EXIT_BAD_FLAG if message.startswith("--") else EXIT_BAD_DATA)
+    except KeyboardInterrupt:
+        fail("interrupted (Ctrl-C); a run continues from its last checkpoint with --resume", EXIT_INTERRUPTED)
+    except Exception as e:
+        if os.environ.get("PIXELBERT_TRACEBACK"):
+            raise
+        fail(error_line(e), EXIT_BAD_DATA)
+
+
+def fail(message, status):
+    """Print one line to stderr (prefixed with the rank under torchrun) and exit with `status`."""
+    message = " ".join(message.split("\n")).strip()
+    message = message[len("error: "):] if message.startswith("error: ") else message
+    rank = f"rank {os.environ.get('RANK', 0)}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    print(f"{rank}error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def error_line(error):
+    """The message of an exception that reached the top: the errors these scripts raise on
+    purpose (data.DataError, metrics.EvaluationError, ValueError, OSError) already name the file
+    or record and what to do; anything else is shown with its type as unexpected."""
+    from metrics import EvaluationError
+    text = worker_message(str(error))
+    if isinstance(error, OSError) and error.filename and error.strerror:  # not "[Errno 2] No such file ...: 'x'"
+        text = f"{error.filename}: {error.strerror}"
+    if isinstance(error, (ValueError, OSError, EvaluationError)):  # data.DataError is a ValueError
+        return text or type(error).__name__
+    return (f"{type(error).__name__}: {text} (unexpected: please report it; PIXELBERT_TRACEBACK=1 shows where it "
+            f"happened)")
+
+
+def worker_message(text):
+    """A DataLoader worker's exception comes back as the same type with the worker's whole
+    traceback as its message ("Caught DataError in DataLoader worker process 0. Original
+    Traceback ... data.DataError: <message>"): only the original message is kept."""
+    import re
+    if "Original Traceback" not in text:
+        return text
+    lines = text.rstrip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        found = re.match(r"[A-Za-z_][\w.]*: ", lines[i])  # the traceback's last line: "module.Type: message"
+        if found:
+            return " ".join([lines[i][found.end():], *lines[i + 1:]])
+    return lines[-1]

@@ -1,13 +1,14 @@
 """
 Data for Pixel-BERT: the WordPiece tokenizer, image decoding and resizing, padded batches with
 masks, MLM masking and ITM negatives (paper 3.4), the readers of the official annotation files
-(COCO captions, Visual Genome, VQA v2, NLVR2; PAPER.md section 5), and the training sampler.
+(COCO captions, Visual Genome, VQA v2, NLVR2, each read directly), and the training sampler.
 
 Large caption sets (Visual Genome has over 5M region phrases) are tokenised once into a few
 flat numpy arrays cached next to the data and memory-mapped, so DataLoader workers share them
 through the page cache instead of each copying millions of Python objects.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -21,11 +22,13 @@ from PIL import Image, ImageOps
 
 from metrics import (EvaluationError, canonical_answer, check_nlvr2_record, leave_one_out_accuracy,
                      process_human_answers, process_prediction, read_json_lines)
-from model import MLM_IGNORE
+from model import MLM_IGNORE, PixelBertConfig
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-PAD_MULTIPLE = 64  # pixel tokens cover 64x64 cells (stride 32 + 2x2 pool; 32x32 unpooled): no partial cells
+IMAGENET_MEAN, IMAGENET_STD = PixelBertConfig.image_mean, PixelBertConfig.image_std  # torchvision's; RGB in [0, 1]
+# Padded sizes are multiples of 64, the pixel-token cell (CNN stride 32 x the 2x2 pool; 32 unpooled), so the batch
+# tensor has no partial cell. A smaller image in the batch still gets zeros beyond its own edge (evaluate.py
+# encodes held-out images at their own padded size).
+PAD_MULTIPLE = 64
 IGNORE = MLM_IGNORE  # label of text positions without an MLM target (model.pretraining_losses leaves them out)
 
 # Where each official file comes from; shown whenever one is missing.
@@ -81,7 +84,11 @@ class Tokenizer:
         if isinstance(vocab_path, (list, tuple)):
             wordpiece, vocab_path = models.WordPiece({t: i for i, t in enumerate(vocab_path)}, unk_token="[UNK]"), None
         elif os.path.isfile(vocab_path):
-            wordpiece = models.WordPiece.from_file(vocab_path, unk_token="[UNK]")
+            try:
+                wordpiece = models.WordPiece.from_file(vocab_path, unk_token="[UNK]")
+            except Exception as e:  # tokenizers says only e.g. "stream did not contain valid UTF-8"
+                raise DataError(f"{vocab_path}: not a WordPiece vocabulary ({e}); it must be UTF-8 text, one token "
+                                f"per line, e.g. bert-base-uncased's vocab.txt") from None
         else:
             raise DataError(f"{vocab_path}: vocabulary file not found (a WordPiece vocab.txt, one token per line)")
         tok = HFTokenizer(wordpiece)
@@ -142,7 +149,12 @@ def load_image(path):
         raise DataError(f"{path}: image file not found; check --data-root and the folder layout in the README")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"{path}: cannot decode the image ({type(e).__name__}: {e}); re-download it or remove "
-                        f"its records (or pass --skip-bad-images)") from None
+                        f"its records (a training image: or pass --skip-bad-images)") from None
+    return rgb_image(img)
+
+
+def rgb_image(img):
+    """A decoded PIL image as 8-bit RGB: 16/32-bit grayscale rescaled, transparency over white."""
     if img.mode.startswith("I"):  # 16/32-bit grayscale: rescale to 8 bits instead of clipping at 255
         arr = np.asarray(img, dtype=np.float32)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -171,6 +183,26 @@ def header_size(path, skip_bad):
         if not skip_bad:
             raise
         return (0, 0)
+
+
+def check_images(paths, what):
+    """Decode every image of a held-out set before training: one that cannot be read would
+    otherwise stop the run at its first evaluation, after the training work. Threads overlap the
+    decoding (PIL releases the GIL). `what` names the set in the error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(path):
+        try:
+            load_image(path)
+        except DataError as e:
+            return str(e)
+        return None
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        bad = [p for p in pool.map(problem, sorted(set(paths))) if p]
+    if bad:
+        first = bad[0].split("; ")[0]
+        raise DataError(f"{len(bad)} {what} image{'s' * (len(bad) != 1)} cannot be read, e.g. {first}; "
+                        f"held-out images are never skipped: re-download them or remove their records")
 
 
 def try_image_tensor(path, min_size, max_size, skip_bad, square=False):
@@ -212,11 +244,46 @@ def image_tensor(path, min_size, max_size, square=False):
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
-def normalize_images(images):
-    """uint8 (B, 3, H, W) -> float ImageNet-normalised, on the images' device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+def normalize_images(images, config=None):
+    """uint8 RGB (B, 3, H, W) -> float (B, 3, H, W), the CNN's input, on the images' device, in the
+    input convention of `config`, the model's PixelBertConfig (every caller passes model.config):
+    channel order, value scale, per-channel mean and std. None: the config's defaults, torchvision's
+    ImageNet RGB mean and std, right for every CNN but a converted Detectron one."""
+    config = config or PixelBertConfig  # the class holds the defaults
+    if config.image_channels == "BGR":
+        images = images.flip(1)
+    # (x * scale / 255 - mean) / std, computed as (x - mean') / std' with mean and std brought to 0-255 units
+    to_8bit = 255.0 / config.image_scale
+    mean = torch.tensor(config.image_mean, device=images.device).view(1, 3, 1, 1) * to_8bit
+    std = torch.tensor(config.image_std, device=images.device).view(1, 3, 1, 1) * to_8bit
     return (images.float() - mean) / std
+
+
+def image_text_examples(images, texts, tokenizer, min_size, max_size):
+    """Image-text pairs as the examples `collate` batches, prepared as the training data is: each
+    image (a PIL image or a file path) upright 8-bit RGB (load_image; ImageOps.exif_transpose and
+    rgb_image for a PIL image), resized by resize_image, as uint8 (3, H, W); each text as
+    [CLS] text [SEP] word pieces. images[i] goes with texts[i]; an image given for several texts
+    (the same object or path) is prepared once and carries them as its "pairs", so the CNN sees it
+    once (collate's image_index points the texts at it). Each text keeps its position as
+    "text_index", so results can be put back in the order of `texts`."""
+    if len(images) != len(texts):
+        raise DataError(f"{len(images)} images for {len(texts)} texts: give one image per text")
+    examples, seen = [], {}
+    for i, (image, text) in enumerate(zip(images, texts)):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError("the text is empty" + (f" (text {i + 1} of {len(texts)})" if len(texts) > 1 else ""))
+        key = os.fspath(image) if isinstance(image, (str, os.PathLike)) else id(image)
+        if key not in seen:
+            if isinstance(image, (str, os.PathLike)):
+                pixels = image_tensor(image, min_size, max_size)  # what the training datasets call
+            else:
+                img = resize_image(rgb_image(ImageOps.exif_transpose(image)), min_size, max_size)
+                pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+            seen[key] = {"image": pixels, "pairs": []}
+            examples.append(seen[key])
+        seen[key]["pairs"].append({"input_ids": tokenizer.encode(text), "text_index": i})
+    return examples
 
 
 def pad_sequences(seqs, value):
@@ -377,6 +444,16 @@ class CaptionIndex:
 # Readers of the official annotation files
 
 
+def image_file(root, rel):
+    """An image's path under root as the annotation names it, or, when that file is absent, the
+    same base name as .jpg or .png (the README lets either format stand for the official one).
+    A path found under neither is returned as named, for the caller to report."""
+    if os.path.exists(os.path.join(root, rel)):
+        return rel
+    base = os.path.splitext(rel)[0]
+    return next((base + ext for ext in (".jpg", ".png") if os.path.exists(os.path.join(root, base + ext))), rel)
+
+
 def require(root, rel):
     path = os.path.join(root, rel)
     if not os.path.exists(path):
@@ -412,7 +489,7 @@ def karpathy_entries(root, dataset, splits):
         folder = f"coco/{field(img, 'filepath', str, where)}" if dataset == "coco" else "flickr30k/images"
         captions = [field(s, "raw", str, f"{where}.sentences[{j}]")
                     for j, s in enumerate(field(img, "sentences", list, where))]
-        entries.append(ImageEntry(f"{folder}/{field(img, 'filename', str, where)}", captions))
+        entries.append(ImageEntry(image_file(root, f"{folder}/{field(img, 'filename', str, where)}"), captions))
         ids.append(img.get("cocoid", img.get("imgid")))
     return entries, ids
 
@@ -434,7 +511,7 @@ def coco2014_entries(root):
     for i, img in enumerate(field(data, "images", list, path)):
         where = f"{path}: images[{i}]"
         by_id[field(img, "id", int, where)] = ImageEntry(
-            f"coco/train2014/{field(img, 'file_name', str, where)}", [],
+            image_file(root, f"coco/train2014/{field(img, 'file_name', str, where)}"), [],
             (field(img, "width", int, where), field(img, "height", int, where)))
     for i, ann in enumerate(field(data, "annotations", list, path)):
         where = f"{path}: annotations[{i}]"
@@ -464,7 +541,8 @@ def vg_entries(root):
             raise DataError(f"{where}: image {image_id} is not in {meta_path}")
         phrases = [field(r, "phrase", str, f"{where}.regions[{j}]") for j, r in enumerate(field(img, "regions", list, where))]
         path, size, coco_id = meta[image_id]
-        entries.append(ImageEntry(path, list(dict.fromkeys(p.strip() for p in phrases)), size))  # drop repeats
+        entries.append(ImageEntry(image_file(root, path), list(dict.fromkeys(p.strip() for p in phrases)),
+                                  size))  # drop repeats
         coco_ids.append(coco_id)
     return entries, coco_ids
 
@@ -503,12 +581,34 @@ def caption_index(name, root, split, tokenizer, cache_root=None, skip_bad_images
     the vocabulary changes. Cached under <root>/.pixelbert_cache unless cache_root is given."""
     sources = sorted(os.path.join(root, rel) for rel in DOWNLOADS if rel.endswith(".json"))
     stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in sources if os.path.exists(p)]
-    key = hashlib.sha1(json.dumps([INDEX_VERSION, name, split, stamp, file_digest(tokenizer.vocab_path)]).encode())
-    folder = os.path.join(cache_root or os.path.join(root, ".pixelbert_cache"), f"{name}-{split}-{key.hexdigest()[:16]}")
-    if os.path.exists(os.path.join(folder, "info.json")):
-        return CaptionIndex(folder, root)
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    return CaptionIndex.build(folder, root, pretrain_entries(name, root, split), tokenizer, skip_bad_images)
+    vocab = file_digest(tokenizer.vocab_path) if tokenizer.vocab_path else \
+        hashlib.sha1("\n".join(tokenizer.vocab_tokens()).encode()).hexdigest()  # a checkpoint's own vocabulary
+    key = hashlib.sha1(json.dumps([INDEX_VERSION, name, split, stamp, vocab]).encode())
+    name_key = f"{name}-{split}-{key.hexdigest()[:16]}"
+    places = [cache_root] if cache_root else [os.path.join(root, ".pixelbert_cache"), user_cache_dir()]
+    for place in places:
+        if os.path.exists(os.path.join(place, name_key, "info.json")):
+            return CaptionIndex(os.path.join(place, name_key), root)
+    entries = pretrain_entries(name, root, split)
+    for n, place in enumerate(places):
+        try:
+            os.makedirs(place, exist_ok=True)
+            return CaptionIndex.build(os.path.join(place, name_key), root, entries, tokenizer, skip_bad_images)
+        except OSError as e:  # a read-only --data-root: the user's own cache instead
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            if n + 1 == len(places):
+                raise DataError(f"{place}: cannot write the caption cache there ({e.strerror}); make it writable"
+                                ) from None
+            print(f"{place}: not writable ({e.strerror}); caching the caption index in {places[n + 1]} instead",
+                  flush=True)
+
+
+def user_cache_dir():
+    """Where the caption index goes when --data-root is read-only: $XDG_CACHE_HOME/pixelbert, or
+    ~/.cache/pixelbert."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "pixelbert")
 
 
 # -----------------------------------------------------------------------------
@@ -555,7 +655,7 @@ class PretrainPairs(torch.utils.data.Dataset):
         ids = self.tok.wrap(self.index.caption_pieces(j).tolist())
         # Every caption is masked, matched or not: if only matched ones carried [MASK], ITM
         # could be solved by spotting [MASK]. MLM labels are kept on matched pairs only, since
-        # a caption of another image teaches the wrong grounding (PAPER.md: an open choice).
+        # a caption of another image teaches the wrong grounding (the paper leaves this open).
         mlm_ids, mlm_labels = mask_tokens(ids, rng, self.tok, self.mask_prob)
         if not matched and not self.mlm_on_negatives:
             mlm_labels[:] = IGNORE
@@ -919,7 +1019,8 @@ def read_nlvr2(root, split, skip_bad_images=False):
                 raise DataError(f"{where}: train records need 'directory' (the image folder's number)")
             folder = f"nlvr2/images/train/{directory}"
         stem = record["identifier"].rsplit("-", 1)[0]
-        record = {**record, "left": f"{folder}/{stem}-img0.png", "right": f"{folder}/{stem}-img1.png"}
+        record = {**record, "left": image_file(root, f"{folder}/{stem}-img0.png"),
+                  "right": image_file(root, f"{folder}/{stem}-img1.png")}
         for image in (record["left"], record["right"]):  # a pair of images is shared by its sentences
             if image not in seen and not skip_bad_images and not os.path.exists(os.path.join(root, image)):
                 raise DataError(f"{os.path.join(root, image)}: image of {where} not found; check --data-root and "

@@ -18,7 +18,6 @@ The metrics themselves (VQA accuracy as the official tool computes it, NLVR2 acc
 consistency, retrieval recall) live in metrics.py, which needs only the standard library.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -35,12 +34,38 @@ import common
 import data
 from metrics import (VQA_RULES, EvaluationError, check_predictions, nlvr2_score, read_json_file, retrieval_recall,
                      retrieval_recall_folds, score_files, score_nlvr2_files, vqa_score, write_nlvr2_predictions)
-from model import PixelBert, PixelBertConfig, copy_weights, nlvr2_logits, rank_scores
+from model import CNN_STRIDE, PixelBert, PixelBertConfig, copy_weights, nlvr2_logits, rank_scores
 
 
 # -----------------------------------------------------------------------------
 # Predictions over a held-out set: used by the fine-tuning scripts (model selection each epoch)
 # and by the checkpoint commands below
+
+
+def encode_each_alone(model, images, image_mask):
+    """model.encode_image of a collated batch, each image encoded as it would be alone. A batch
+    pads every image with zeros to its largest member, and the CNN's receptive field reaches into
+    that padding along an image's bottom and right borders: next to a larger image, the same
+    image gets slightly different features. So images are encoded in groups of equal own padded
+    size (their real extent rounded up to data.PAD_MULTIPLE), cropped to it, and their tokens put
+    back at their cells of the batch's grid; the cells beyond an image stay masked. Predictions
+    then do not depend on the batch size or the number of processes.
+    images (B, 3, H, W), image_mask (B, H, W) -> tokens (B, K, hidden), pixel_mask (B, K)."""
+    stride = CNN_STRIDE * model.config.pixel_pool  # image pixels per pixel-token side
+    B, _, H, W = images.shape
+    heights, widths = image_mask[:, :, 0].sum(1).tolist(), image_mask[:, 0, :].sum(1).tolist()  # real extent
+    own = [(-(-h // data.PAD_MULTIPLE) * data.PAD_MULTIPLE, -(-w // data.PAD_MULTIPLE) * data.PAD_MULTIPLE)
+           for h, w in zip(heights, widths)]
+    tokens, pixel_mask = None, torch.zeros(B, -(-H // stride), -(-W // stride), dtype=torch.bool, device=images.device)
+    for h, w in sorted(set(own)):
+        rows = [i for i in range(B) if own[i] == (h, w)]
+        group_tokens, group_mask = model.encode_image(images[rows, :, :h, :w], image_mask[rows, :h, :w])
+        if tokens is None:
+            tokens = group_tokens.new_zeros(*pixel_mask.shape, group_tokens.shape[-1])  # (B, grid h, grid w, hidden)
+        gh, gw = -(-h // stride), -(-w // stride)
+        tokens[rows, :gh, :gw] = group_tokens.view(len(rows), gh, gw, -1)
+        pixel_mask[rows, :gh, :gw] = group_mask.view(len(rows), gh, gw)
+    return tokens.flatten(1, 2), pixel_mask.flatten(1)
 
 
 def predict_vqa(model, loader, answers, ddp, dtype, channels_last=True):
@@ -50,10 +75,10 @@ def predict_vqa(model, loader, answers, ddp, dtype, channels_last=True):
     predictions = []
     with torch.no_grad():
         for batch in loader:
-            batch = common.batch_to_device(batch, ddp.device, channels_last)
+            batch = common.batch_to_device(batch, ddp.device, channels_last, model.config)
             with common.autocast(ddp.device, dtype):
-                _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
-                                  image_index=batch["image_index"])
+                pixels = encode_each_alone(model, batch["images"], batch["image_mask"])
+                _, pooled = model(batch["input_ids"], batch["text_mask"], pixels=pixels, image_index=batch["image_index"])
                 best = model.vqa_head(pooled).argmax(-1)
             predictions += [{"question_id": int(q), "answer": answers[int(a)]}
                             for q, a in zip(batch["question_id"].tolist(), best.tolist())]
@@ -77,9 +102,10 @@ def predict_nlvr2(model, loader, identifiers, ddp, dtype, channels_last=True):
     predictions = {}
     with torch.no_grad():
         for batch in loader:
-            batch = common.batch_to_device(batch, ddp.device, channels_last)
+            batch = common.batch_to_device(batch, ddp.device, channels_last, model.config)
             with common.autocast(ddp.device, dtype):
-                _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"])
+                pixels = encode_each_alone(model, batch["images"], batch["image_mask"])  # (2B, K, hidden): left, right
+                _, pooled = model(batch["input_ids"], batch["text_mask"], pixels=pixels)
                 true = nlvr2_logits(model, pooled).argmax(-1)
             predictions.update({identifiers[i]: str(bool(t)) for i, t in zip(batch["index"].tolist(), true.tolist())})
     if dist.is_initialized():
@@ -114,7 +140,7 @@ def encode_images(model, root, paths, rows, min_size, max_size, device, dtype="a
 
     def flush(shape):
         batch = data.collate([{"image": image} for _, image in buckets[shape]])
-        batch = common.batch_to_device(batch, device, channels_last)
+        batch = common.batch_to_device(batch, device, channels_last, model.config)
         with common.autocast(device, dtype):
             tokens, pixel_mask = model.encode_image(batch["images"], batch["image_mask"])
         for (row, _), t, m in zip(buckets.pop(shape), tokens, pixel_mask):
@@ -335,7 +361,8 @@ def evaluate_retrieval_checkpoint(checkpoint, data_root, dataset, split="test", 
 
 
 # -----------------------------------------------------------------------------
-# One image and one text: match probability, VQA answers, attention maps (paper Figure 3)
+# Inference, from Python and the command line: ITM match probabilities and VQA answers for images
+# (PIL images or files) and texts, in batches; attention maps (paper Figure 3)
 
 HEAD_SOURCES = {"itm": "a pre-training checkpoint (pretrain.py's final.pt)",
                 "vqa": "a VQA checkpoint (finetune_vqa.py's best.pt)"}
@@ -353,14 +380,85 @@ def load_for_inference(checkpoint, head=None, device=""):
     return (*checkpoint_model(state, device), state, device)
 
 
+class Inference:
+    """A checkpoint ready for inference (evaluate.load): the model in eval mode with the
+    checkpoint's architecture and input convention, the tokenizer of the vocabulary saved in it,
+    the image sizes of its training run and, for VQA, its answers. `images` is one image for all
+    the texts or a list of one per text, each a PIL image or a file path; `texts` a list of
+    strings. Batches are prepared as training prepares them (data.image_text_examples ->
+    data.collate -> common.batch_to_device), and each image is encoded as it would be alone
+    (encode_each_alone), so a text's result does not depend on the rest of its batch."""
+
+    def __init__(self, checkpoint, device="", head=None):
+        self.model, self.tokenizer, self.state, self.device = load_for_inference(checkpoint, head, device)
+        self.checkpoint, self.answers = checkpoint, self.state.get("answers")
+        self.image_sizes = self.state["config"]["image_min_size"], self.state["config"]["image_max_size"]
+
+    @staticmethod
+    def pairs(images, texts):
+        """(one image per text, texts) as lists, from one image or a list, and a string or a list."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        images = list(images) if isinstance(images, (list, tuple)) else [images] * len(texts)
+        if len(images) != len(texts):
+            raise data.DataError(f"{len(images)} images for {len(texts)} texts: give one image, or one per text")
+        return images, texts
+
+    def batch(self, images, texts):
+        """One batch on the device: images (I, 3, H, W) normalised, padded to multiples of 64, and
+        image_mask (I, H, W), each image once; input_ids, text_mask (T, L); image_index (T,): each
+        text's image row; text_index (T,): each row's position in `texts` (rows go image by image)."""
+        batch = data.collate(data.image_text_examples(*self.pairs(images, texts), self.tokenizer, *self.image_sizes))
+        return common.batch_to_device(batch, self.device, False, self.model.config)
+
+    @torch.no_grad()
+    def pooled(self, images, texts, batch_size=32):
+        """The [CLS] vectors (len(texts), hidden), float32, in the order of `texts`; `batch_size`
+        texts per forward pass."""
+        images, texts = self.pairs(images, texts)
+        out = []
+        for k in range(0, len(texts), batch_size):
+            batch = self.batch(images[k: k + batch_size], texts[k: k + batch_size])
+            pixels = encode_each_alone(self.model, batch["images"], batch["image_mask"])
+            _, pooled = self.model(batch["input_ids"], batch["text_mask"], pixels=pixels,
+                                   image_index=batch["image_index"])
+            out.append(pooled[batch["text_index"].argsort()].float())
+        return torch.cat(out)
+
+    def require(self, head):
+        if head not in self.model.config.heads:
+            raise EvaluationError(f"{self.checkpoint}: this model's heads are {list(self.model.config.heads)}, not "
+                                  f"{head!r}; use {HEAD_SOURCES[head]}")
+
+    @torch.no_grad()
+    def match(self, images, texts, batch_size=32):
+        """ITM's probability that each text describes its image: a list of floats, one per text."""
+        self.require("itm")
+        logits = self.model.itm_head(self.pooled(images, texts, batch_size))
+        return logits.float().softmax(-1)[:, 1].tolist()  # classes: 0 mismatched, 1 matched
+
+    @torch.no_grad()
+    def answer(self, images, questions, top=5, batch_size=32):
+        """The `top` answers of the checkpoint's own vocabulary to each question about its image,
+        best first: a list (one per question) of [{"answer", "score"}]. The score is the sigmoid of
+        the answer's logit, what the binary cross-entropy trained: an estimate of the answer's VQA
+        accuracy, so the scores need not sum to 1."""
+        self.require("vqa")
+        logits = self.model.vqa_head(self.pooled(images, questions, batch_size))
+        best = logits.float().sigmoid().topk(min(top, len(self.answers)), dim=-1)
+        return [[{"answer": self.answers[i], "score": s} for s, i in zip(values, indices)]
+                for values, indices in zip(best.values.tolist(), best.indices.tolist())]
+
+
+def load(checkpoint, device=""):
+    """The Python API: evaluate.load(path).match(images, texts) or .answer(images, questions)."""
+    return Inference(checkpoint, device)
+
+
 def image_text_batch(image, text, tokenizer, state, device):
-    """One (image file, text) pair as a batch of one, the image resized as in the checkpoint's
-    training run."""
-    if not text.strip():
-        raise EvaluationError("the text is empty")
-    pixels = data.image_tensor(image, state["config"]["image_min_size"], state["config"]["image_max_size"])
-    batch = data.collate([{"image": pixels, "input_ids": tokenizer.encode(text)}])
-    return common.batch_to_device(batch, device, channels_last=False)
+    """One (image, text) pair as a batch of one, prepared as Inference.batch prepares it."""
+    sizes = state["config"]["image_min_size"], state["config"]["image_max_size"]
+    batch = data.collate(data.image_text_examples([image], [text], tokenizer, *sizes))
+    return common.batch_to_device(batch, device, False, PixelBertConfig(**state["model_config"]))
 
 
 def run_pooled(model, batch):
@@ -368,24 +466,24 @@ def run_pooled(model, batch):
         return model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"])[1]
 
 
-def match_probability(checkpoint, image, text, device=""):
-    """evaluate.py match: ITM's probability that `text` describes `image`."""
-    model, tokenizer, state, device = load_for_inference(checkpoint, "itm", device)
-    pooled = run_pooled(model, image_text_batch(image, text, tokenizer, state, device))
-    probability = model.itm_head(pooled).float().softmax(-1)[0, 1].item()  # classes: 0 mismatched, 1 matched
-    return {"image": image, "text": text, "match_probability": round(probability, 4)}
+def match_probability(checkpoint, image, texts, device=""):
+    """evaluate.py match: ITM's probability that each text describes `image`, the model loaded
+    once. One text (a string) gives one result, a list of texts a list of them."""
+    many = [texts] if isinstance(texts, str) else list(texts)
+    probabilities = Inference(checkpoint, device, "itm").match(image, many)
+    results = [{"image": image, "text": t, "match_probability": round(p, 4)} for t, p in zip(many, probabilities)]
+    return results[0] if isinstance(texts, str) else results
 
 
-def answer_question(checkpoint, image, question, top=5, device=""):
-    """evaluate.py ask: the `top` answers of a VQA checkpoint's own vocabulary with their scores,
-    the sigmoid of each answer's logit: what the binary cross-entropy trained, an estimate of
-    the answer's VQA accuracy (so the scores need not sum to 1)."""
-    model, tokenizer, state, device = load_for_inference(checkpoint, "vqa", device)
-    pooled = run_pooled(model, image_text_batch(image, question, tokenizer, state, device))
-    best = model.vqa_head(pooled).float().sigmoid()[0].topk(min(top, model.config.num_answers))
-    return {"image": image, "question": question,
-            "answers": [{"answer": state["answers"][i], "score": round(s, 4)}
-                        for s, i in zip(best.values.tolist(), best.indices.tolist())]}
+def answer_question(checkpoint, image, questions, top=5, device=""):
+    """evaluate.py ask: the `top` answers of a VQA checkpoint's own vocabulary to each question,
+    with their scores (Inference.answer), the model loaded once. One question (a string) gives
+    one result, a list of questions a list of them."""
+    many = [questions] if isinstance(questions, str) else list(questions)
+    answers = Inference(checkpoint, device, "vqa").answer(image, many, top)
+    results = [{"image": image, "question": q, "answers": [{**a, "score": round(a["score"], 4)} for a in best]}
+               for q, best in zip(many, answers)]
+    return results[0] if isinstance(questions, str) else results
 
 
 def attention_probabilities(attention, x, attn_mask):
@@ -469,74 +567,221 @@ def attention_map(checkpoint, image, text, out=None, layer=0, device=""):
             "words": [{"word": w, "pixel_share": round(s, 4)} for w, s in zip(words, share.tolist())]}
 
 
+# -----------------------------------------------------------------------------
+# evaluate.py check-data: is a data root complete before a long run starts?
+
+_PRETRAIN_VAL = [("coco/dataset_coco.json", True, "Karpathy splits: held-out MLM/ITM pairs"),
+                 ("coco/val2014", True, "Karpathy val images")]
+_COCO = [("coco/dataset_coco.json", True, "captions: Karpathy train + restval"), ("coco/train2014", True, ""),
+         ("coco/val2014", True, "")]
+_VG = [("vg/image_data.json", True, ""), ("vg/region_descriptions.json", True, "region phrases as captions"),
+       ("vg/VG_100K", True, "images.zip"), ("vg/VG_100K_2", True, "images2.zip"), *_PRETRAIN_VAL]
+_VQA_FILES = [f"vqa/v2_OpenEnded_mscoco_{s}_questions.json" for s in ("train2014", "val2014")] + \
+    [f"vqa/v2_mscoco_{s}_annotations.json" for s in ("train2014", "val2014")]
+CHECK_DATA = {  # --data -> [(path under --data-root, required, what it is for)]; optional ones only for some commands
+    "coco": _COCO,
+    "coco2014": [("coco/annotations/captions_train2014.json", True, "captions"), ("coco/train2014", True, ""),
+                 *_PRETRAIN_VAL],
+    "vg": _VG,
+    "coco_vg": _COCO + [entry for entry in _VG if entry[0] not in {rel for rel, _, _ in _COCO}],
+    "vqa": [*((f, True, "") for f in _VQA_FILES), ("coco/train2014", True, ""), ("coco/val2014", True, ""),
+            ("vqa/v2_OpenEnded_mscoco_test2015_questions.json", False, "test-dev / test submissions"),
+            ("vqa/v2_OpenEnded_mscoco_test-dev2015_questions.json", False, "test-dev / test submissions"),
+            ("coco/test2015", False, "test-dev / test submissions")],
+    "nlvr2": [("nlvr2/data/train.json", True, ""), ("nlvr2/data/dev.json", True, ""),
+              ("nlvr2/images/train", True, "100 numbered folders"), ("nlvr2/images/dev", True, ""),
+              ("nlvr2/data/test1.json", False, "test-P: evaluate.py nlvr2 --split test1"),
+              ("nlvr2/images/test1", False, "test-P: evaluate.py nlvr2 --split test1")],
+    "flickr30k": [("flickr30k/dataset_flickr30k.json", True, "Karpathy splits"), ("flickr30k/images", True, "")],
+}
+_VG_IMAGES = "(v1.2) from https://homes.cs.washington.edu/~ranjay/visualgenome/api.html, unzipped to "
+EXTRA_DOWNLOADS = {"vg/VG_100K": "images.zip " + _VG_IMAGES + "vg/VG_100K",
+                   "vg/VG_100K_2": "images2.zip " + _VG_IMAGES + "vg/VG_100K_2"}
+
+
+def human_size(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def check_data(name, root, sample=20):
+    """Each official file or folder --data `name` reads under `root`: present (with its size; for
+    an image folder, its image count and whether `sample` of its images, evenly spread over the
+    sorted names, decode) or missing (with where to get it). Prints a table and returns it as a
+    dict whose "ok" is False when a required file or folder is missing or holds no image."""
+    if name not in CHECK_DATA:
+        raise data.DataError(f"--data {name}: choose one of {', '.join(CHECK_DATA)}")
+    rows, missing = [], []
+    print(f"check-data --data {name} --data-root {root}")
+    for rel, required, note in CHECK_DATA[name]:
+        path, hint = os.path.join(root, rel), data.DOWNLOADS.get(rel) or data.RETRIEVAL_DOWNLOADS.get(rel) or \
+            EXTRA_DOWNLOADS.get(rel, "see the README's Data section")
+        label = rel + ("/" if not rel.endswith(".json") else "") + (f" ({note})" if note else "") + \
+            ("" if required else " [optional]")
+        row = {"path": rel, "required": required, "present": os.path.exists(path)}
+        if not row["present"]:
+            print(f"  {'MISSING' if required else 'absent'}  {label}\n           get {hint}")
+            missing += [rel] if required else []
+        elif os.path.isfile(path):
+            row["bytes"] = os.path.getsize(path)
+            print(f"  ok       {label}: {human_size(row['bytes'])}")
+        else:
+            images = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
+                            if f.lower().endswith(data.IMAGE_SUFFIXES))
+            picked = images[:: max(1, -(-len(images) // sample))][:sample] if sample > 0 else []
+            failed = []
+            for image in picked:
+                try:
+                    data.load_image(image)
+                except data.DataError as e:
+                    failed.append(str(e))
+            row.update(images=len(images), bytes=sum(os.path.getsize(i) for i in images), sampled=len(picked),
+                       failed=failed)
+            status = "ok" if images and not failed else "EMPTY" if not images else "BAD"
+            print(f"  {status:<8} {label}: {len(images):,} images, {human_size(row['bytes'])}; "
+                  f"{len(picked) - len(failed)} of {len(picked)} sampled images decode")
+            for message in failed:
+                print(f"           {message}")
+            if not images and required:
+                missing.append(rel)
+        rows.append(row)
+    bad = sum(len(r.get("failed", [])) for r in rows)
+    print(f"{len(missing)} required file{'s' * (len(missing) != 1)} or folder{'s' * (len(missing) != 1)} missing or "
+          f"empty" + (f"; {bad} sampled image{'s' * (bad != 1)} did not decode (re-download them, or train with "
+                      f"--skip-bad-images)" if bad else ""))
+    return {"data": name, "data_root": root, "files": rows, "missing": missing, "ok": not missing}
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate Pixel-BERT checkpoints or score prediction files.")
+    parser = common.FlagParser(allow_abbrev=False, description="Evaluate Pixel-BERT checkpoints or score prediction "
+                                                               "files. `evaluate.py COMMAND --help` lists a command's "
+                                                               "flags.")
     commands = parser.add_subparsers(dest="command", required=True)
-    vqa = commands.add_parser("vqa", help="evaluate a finetune_vqa.py checkpoint, or write a test submission")
-    vqa.add_argument("--checkpoint", required=True)
-    vqa.add_argument("--data-root", required=True)
-    vqa.add_argument("--split", default="minival", choices=["train", "val", "minival", "trainval", "test-dev", "test"])
-    vqa.add_argument("--out", help="submission file for test-dev/test (default: beside the checkpoint)")
-    vqa.add_argument("--ans2label", help="an ans2label.json that must match the checkpoint's answers")
-    vqa.add_argument("--minival-images", type=int, default=None, help="default: the checkpoint's own setting")
-    vqa.add_argument("--batch-size", type=int, default=32, help="images per batch (all their questions)")
-    vqa.add_argument("--num-workers", type=int, default=2)
-    vqa.add_argument("--device", default="")
-    vqa.add_argument("--dtype", default="auto", choices=common.DTYPES)
-    ret = commands.add_parser("retrieval", help="full-protocol image-text retrieval recall of a checkpoint")
-    ret.add_argument("--checkpoint", required=True, help="finetune_retrieval.py's best.pt (or pretrain.py's final.pt: "
-                                                         "zero-shot by ITM)")
-    ret.add_argument("--data-root", required=True)
-    ret.add_argument("--dataset", required=True, choices=["flickr30k", "coco"])
-    ret.add_argument("--split", default="test", choices=["train", "val", "test"])
-    ret.add_argument("--coco-1k-folds", action="store_true", help="also the mean over consecutive 1K-image folds")
-    ret.add_argument("--max-images", type=int, default=0, help="only the split's first N images (0: all)")
-    ret.add_argument("--out", help="result JSON (default: retrieval_<dataset>_<split>.json beside the checkpoint)")
-    ret.add_argument("--save-scores", help="also save the (images, captions) score matrix to this .pt file")
-    ret.add_argument("--batch-size", type=int, default=1024, help="(image, caption) pairs per transformer batch")
-    ret.add_argument("--num-workers", type=int, default=2)
-    ret.add_argument("--device", default="")
-    ret.add_argument("--dtype", default="auto", choices=common.DTYPES)
-    score = commands.add_parser("vqa-score", help="official VQA accuracy of a predictions file")
-    score.add_argument("--predictions", required=True)
-    score.add_argument("--questions", required=True)
-    score.add_argument("--annotations", required=True)
-    for command in (vqa, score):
-        command.add_argument("--vqa-rules", default="current", choices=VQA_RULES,
-                             help="the official tool's answer processing: current (GT-Vision-Lab/VQA since its 2021 "
-                                  "fix, the default) or 2017 (its earlier copy, for comparison with older numbers)")
-    nlvr2 = commands.add_parser("nlvr2", help="evaluate a finetune_nlvr.py checkpoint; writes the predictions CSV")
-    nlvr2.add_argument("--checkpoint", required=True)
-    nlvr2.add_argument("--data-root", required=True)
-    nlvr2.add_argument("--split", default="dev", choices=["dev", "test1"])
-    nlvr2.add_argument("--out", help="predictions CSV (default: nlvr2_<split>_predictions.csv beside the checkpoint)")
-    nlvr2.add_argument("--batch-size", type=int, default=16, help="examples per batch (two images each)")
-    nlvr2.add_argument("--num-workers", type=int, default=2)
-    nlvr2.add_argument("--device", default="")
-    nlvr2.add_argument("--dtype", default="auto", choices=common.DTYPES)
+
+    def compute_flags(command, batch, default):
+        """The flags of a command that runs a model: its batch (`batch` says what it counts), loader
+        processes, device and precision."""
+        group = command.add_argument_group("batching, precision and device")
+        group.add_argument(batch[0], dest="batch_size", type=common.at_least(1), default=default,
+                           help=f"{batch[1]} per batch and process (>= 1; default: {default})")
+        group.add_argument("--num-workers", type=common.at_least(0), default=2,
+                           help="DataLoader processes per process (0: load in the main process; default: 2)")
+        group.add_argument("--device", default="", help="cpu, cuda, cuda:1... (default: cuda if there is a GPU, "
+                                                         "else cpu)")
+        group.add_argument("--dtype", default="auto", choices=common.DTYPES,
+                           help="auto: bf16 where the device has it natively, else fp32 on a CPU and fp16 on a GPU "
+                                "(default: auto)")
+
+    vqa_rules_help = ("the official VQA tool's answer processing: current (GT-Vision-Lab/VQA since its 2021 fix) or "
+                      "2017 (its earlier copy, to compare with older numbers) (default: current)")
+    vqa = commands.add_parser("vqa", help="evaluate a finetune_vqa.py checkpoint, or write a test submission",
+                              description="Official VQA accuracy of a finetune_vqa.py checkpoint on a split with "
+                                          "answers, or the submission file of test-dev / test.")
+    given = vqa.add_argument_group("checkpoint and data")
+    given.add_argument("--checkpoint", required=True, help="finetune_vqa.py's best.pt (required)")
+    given.add_argument("--data-root", required=True, help="the folder holding vqa/ and coco/ (README: Real data; "
+                                                          "required)")
+    given.add_argument("--split", default="minival", choices=["train", "val", "minival", "trainval", "test-dev",
+                                                              "test"],
+                       help="the questions answered: scored on train, val, minival, trainval; a submission file for "
+                            "test-dev, test (default: minival)")
+    given.add_argument("--minival-images", type=common.at_least(1), default=None,
+                       help="val2014 images held out as minival (>= 1; default: the checkpoint's own setting)")
+    given.add_argument("--ans2label", help="an ans2label.json that must match the checkpoint's answers (default: "
+                                           "none, not checked)")
+    given.add_argument("--vqa-rules", default="current", choices=VQA_RULES, help=vqa_rules_help)
+    vqa.add_argument_group("output").add_argument(
+        "--out", help="submission file for test-dev / test (default: vqa_<split>_submission.json beside the "
+                      "checkpoint)")
+    compute_flags(vqa, ["--batch-size", "images (with all their questions)"], 32)
+    ret = commands.add_parser("retrieval", help="full-protocol image-text retrieval recall of a checkpoint",
+                              description="Recall@1/5/10 of image and text retrieval, every image of the split "
+                                          "scored against every caption.")
+    given = ret.add_argument_group("checkpoint and data")
+    given.add_argument("--checkpoint", required=True, help="finetune_retrieval.py's best.pt, or pretrain.py's "
+                                                           "final.pt: zero-shot by ITM (required)")
+    given.add_argument("--data-root", required=True, help="the folder holding flickr30k/ or coco/ (README: Real "
+                                                          "data; required)")
+    given.add_argument("--data", dest="dataset", required=True, choices=["flickr30k", "coco"],
+                       help="whose Karpathy split to score (required)")
+    given.add_argument("--split", default="test", choices=["train", "val", "test"],
+                       help="the Karpathy split scored (default: test)")
+    given.add_argument("--max-images", type=common.at_least(0), default=0,
+                       help="score only the split's first N images, with their captions (0: all; default: 0)")
+    out = ret.add_argument_group("output")
+    out.add_argument("--coco-1k-folds", action="store_true", help="also the mean recall over consecutive 1K-image "
+                                                                  "folds, as COCO 1K results are given (default: off)")
+    out.add_argument("--out", help="result JSON (default: retrieval_<data>_<split>.json beside the checkpoint)")
+    out.add_argument("--save-scores", help="also save the (images x captions) score matrix to this .pt file "
+                                           "(default: none)")
+    compute_flags(ret, ["--score-batch", "(image, caption) pairs scored by the Transformer"], 1024)
+    score = commands.add_parser("vqa-score", help="official VQA accuracy of a predictions file",
+                                description="The official VQA accuracy of a predictions file, as the official "
+                                            "tool computes it.")
+    score.add_argument("--predictions", required=True, help="a JSON list of {question_id, answer} (required)")
+    score.add_argument("--questions", required=True, help="the official questions JSON of the split (required)")
+    score.add_argument("--annotations", required=True, help="the official annotations JSON of the split (required)")
+    score.add_argument("--vqa-rules", default="current", choices=VQA_RULES, help=vqa_rules_help)
+    nlvr2 = commands.add_parser("nlvr2", help="evaluate a finetune_nlvr.py checkpoint; writes the predictions CSV",
+                                description="NLVR2 accuracy and consistency of a finetune_nlvr.py checkpoint, and "
+                                            "its predictions CSV (the format of the official scorer).")
+    given = nlvr2.add_argument_group("checkpoint and data")
+    given.add_argument("--checkpoint", required=True, help="finetune_nlvr.py's best.pt (required)")
+    given.add_argument("--data-root", required=True, help="the folder holding nlvr2/ (README: Real data; required)")
+    given.add_argument("--split", default="dev", choices=["dev", "test1"],
+                       help="the official split scored: dev, or test1 (test-P) (default: dev)")
+    nlvr2.add_argument_group("output").add_argument(
+        "--out", help="predictions CSV (default: nlvr2_<split>_predictions.csv beside the checkpoint)")
+    compute_flags(nlvr2, ["--batch-size", "examples (a sentence and two images)"], 16)
     nlvr2_score_cli = commands.add_parser("nlvr2-score", help="the official NLVR2 accuracy and consistency of a "
                                                               "predictions CSV")
-    nlvr2_score_cli.add_argument("--predictions", required=True, help="CSV lines identifier,True|False")
-    nlvr2_score_cli.add_argument("--labels", required=True, help="an official JSON Lines file, e.g. dev.json")
-    for name, needs, help in (("match", "text", "ITM probability that a text describes an image"),
-                              ("ask", "question", "top-5 answers of a VQA checkpoint to a question on an image"),
-                              ("attention", "text", "PNG of each word's attention over the image (paper Figure 3)")):
-        one = commands.add_parser(name, help=help)
-        one.add_argument("--checkpoint", required=True)
-        one.add_argument("--image", required=True, help="any image file")
-        one.add_argument(f"--{needs}", required=True)
-        one.add_argument("--device", default="")
+    nlvr2_score_cli.add_argument("--predictions", required=True, help="CSV lines identifier,True|False (required)")
+    nlvr2_score_cli.add_argument("--labels", required=True, help="an official JSON Lines file, e.g. dev.json "
+                                                                 "(required)")
+    check = commands.add_parser("check-data", help="list each official file a --data reads, present (with its size) "
+                                                   "or missing (with its download), and decode a sample of images; "
+                                                   "exit status 1 when a required one is missing")
+    check.add_argument("--data", required=True, choices=list(CHECK_DATA), help="the data of the run to check")
+    check.add_argument("--data-root", required=True, help="the folder holding coco/, vg/, vqa/, nlvr2/, flickr30k/")
+    check.add_argument("--sample", type=int, default=20, help="images decoded per image folder (default 20; 0: none)")
+    for name, needs, source, help in (
+            ("match", "text", "pretrain.py's final.pt", "ITM probability that a text describes an image"),
+            ("ask", "question", "finetune_vqa.py's best.pt", "top-5 answers of a VQA checkpoint to a question on an "
+                                                              "image"),
+            ("attention", "text", "any checkpoint", "PNG of each word's attention over the image (paper Figure 3)")):
+        one = commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        one.add_argument("--checkpoint", required=True, help=f"{source} (required)")
+        one.add_argument("--image", required=True, help="any image file, resized as in the checkpoint's training "
+                                                        "(required)")
         if name == "attention":
-            one.add_argument("--layer", type=int, default=0, help="Transformer layer, 0 = the first")
-            one.add_argument("--out", help="PNG path (default: beside the checkpoint)")
+            one.add_argument(f"--{needs}", required=True, help="the text whose words' attention is drawn (required)")
+        else:  # several texts for one image: the model is loaded once, the image encoded once
+            one.add_argument(f"--{needs}", required=True, action="append",
+                             help=f"repeat --{needs} for several; each gets its own result (required)")
+        one.add_argument("--device", default="", help="cpu, cuda, cuda:1... (default: cuda if there is a GPU, else "
+                                                      "cpu)")
+        if name == "attention":
+            one.add_argument("--layer", type=common.at_least(0), default=0,
+                             help="the Transformer layer whose attention is drawn, 0 = the first (default: 0)")
+            one.add_argument("--out", help="PNG path (default: attention_<image name>.png beside the checkpoint)")
     args = parser.parse_args(argv)
+    if args.command == "check-data":  # prints a table for a person, not JSON
+        result = check_data(args.data, args.data_root, args.sample)
+        if not result["ok"]:
+            sys.exit(f"check-data: missing {', '.join(result['missing'])}")
+        return result
+    checkpoint_file.check_output_files(out=getattr(args, "out", None), save_scores=getattr(args, "save_scores", None))
     try:
         if args.command == "vqa-score":
             result = score_files(args.predictions, args.questions, args.annotations, args.vqa_rules)
-        elif args.command == "match":
-            result = match_probability(args.checkpoint, args.image, args.text, args.device)
+        elif args.command == "match":  # one --text prints one result, several a list
+            texts = args.text[0] if len(args.text) == 1 else args.text
+            result = match_probability(args.checkpoint, args.image, texts, args.device)
         elif args.command == "ask":
-            result = answer_question(args.checkpoint, args.image, args.question, device=args.device)
+            questions = args.question[0] if len(args.question) == 1 else args.question
+            result = answer_question(args.checkpoint, args.image, questions, device=args.device)
         elif args.command == "attention":
             result = attention_map(args.checkpoint, args.image, args.text, args.out, args.layer, args.device)
         elif args.command == "nlvr2-score":
@@ -565,4 +810,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)  # one line per error, never a stack; exit 2 for a flag, 1 for data (docs/reliability.md)

@@ -18,6 +18,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -32,61 +33,68 @@ from model import make_optimizers, nlvr2_loss
 
 @dataclass
 class Config:
-    """Pixel-BERT fine-tuning on NLVR2. Defaults are the paper's recipe for --data nlvr2."""
-    data: str = "demo"  # demo (the built-in corpus) | nlvr2 (the official files under --data-root)
-    data_root: str = "data/demo"
-    model: str = "r50"  # tiny | r50 | x152
-    init: str = ""  # a Pixel-BERT checkpoint (pre-training) to start from
-    bert: str = ""  # or a Hugging Face BERT folder/file ...
-    cnn: str = ""  # ... and a torchvision ResNet/ResNeXt .pth
-    vocab: str = ""  # WordPiece vocab.txt; default: the --bert folder's, else <data-root>/vocab.txt
-    out_dir: str = "runs/nlvr"
-    train_split: str = "train"
-    eval_split: str = "dev"  # dev (model selection; the paper's dev row) | test1 (test-P) | train
-    # batch and schedule: 128 examples, 18 epochs, lr / 10 at epochs 12 and 16 (paper 4.3: VQA's, half the batch)
-    batch_size: int = 16  # examples per process and micro-step (each is two rows: left and right image)
-    global_batch: int = 128
-    epochs: float = 18
-    max_steps: int = 0
-    lr_milestones: str = "12,16"  # epochs
-    lr: float = 1e-4  # AdamW, Transformer and head (the pre-training rates)
-    weight_decay: float = 1e-2
-    cnn_lr: float = 1e-2  # SGD, CNN; 0 keeps the CNN fixed
-    cnn_weight_decay: float = 5e-4
-    cnn_momentum: float = 0.9
-    cnn_optimizer: str = "sgd"  # sgd | adamw
-    warmup_steps: int = 500  # not given in the paper
-    warmup_start: float = 1 / 3
-    grad_clip: float = 10.0
+    """Pixel-BERT fine-tuning on NLVR2 (the "pair" setting): is a sentence true of a pair of images?
+    The defaults are the paper's recipe for --data nlvr2 (paper 4.3)."""
     # data
-    image_min_size: int = 800
-    image_max_size: int = 1333
-    max_text_len: int = 40
-    num_workers: int = 6
+    data: Literal["demo", "nlvr2"] = "demo"  # demo: the built-in corpus's NLVR2 files | nlvr2: the official
+    #  files under --data-root
+    data_root: str = "data/demo"  # folder of the official files (README: Real data) or of the demo corpus
+    vocab: str = ""  # WordPiece vocab.txt; none: the --init checkpoint's, else the --bert folder's, else
+    #  <data-root>/vocab.txt
+    train_split: Literal["train", "dev", "test1"] = "train"  # the examples trained on
+    eval_split: Literal["dev", "test1", "train"] = "dev"  # held-out examples scored after each epoch, which
+    #  choose best.pt: dev (the paper's dev row) | test1 (test-P) | train
+    image_min_size: int = 800  # pixels: each image is resized so that its shorter side is this...
+    image_max_size: int = 1333  # pixels: ...or its longer side this, whichever is smaller
+    max_text_len: int = 40  # word pieces of a sentence, [CLS] and [SEP] included; longer sentences are cut
+    num_workers: int = 6  # DataLoader processes per training process (0: load in the training process)
     skip_bad_images: bool = False  # report, count and skip unreadable training images instead of stopping
-    # model
-    dropout: float = 0.1
-    # visual embedding (paper 3.2); ignored with --init, whose checkpoint fixes the architecture
-    pixel_pool: int = 2  # max-pool of the stride-32 feature map (paper: 2)
-    visual_layernorm: bool = False  # LayerNorm + dropout on pixel tokens (not in the paper)
-    visual_position: bool = False  # learned 2-D position embeddings of pixel tokens (not in the paper)
+    # model: a pre-training checkpoint (--init), or the --model architecture with --bert and --cnn weights
+    init: str = ""  # the Pixel-BERT checkpoint to fine-tune (pretrain.py's final.pt)
+    model: Literal["tiny", "r50", "x152"] = "r50"  # tiny: the demo's | r50: ResNet-50 + BERT-base |
+    #  x152: ResNeXt-152 32x8d + BERT-base. With --init, the checkpoint's architecture
+    bert: str = ""  # without --init: a Hugging Face BERT folder or weights file for the Transformer
+    cnn: str = ""  # without --init: a torchvision ResNet .pth (or a converted ResNeXt) for the CNN
+    from_scratch: bool = False  # allow r50 / x152 on real data without --init, --bert or --cnn (random weights)
+    dropout: float = 0.1  # BERT's dropout probability (hidden states and attention)
+    pixel_pool: int = 2  # without --init: cells of the stride-32 feature map max-pooled into a pixel token, a
+    #  side (paper: 2)
+    visual_layernorm: bool = False  # without --init: LayerNorm + dropout on pixel tokens (not in the paper)
+    visual_position: bool = False  # without --init: learned row and column embeddings of pixel tokens (not in
+    #  the paper)
+    # optimisation: 128 examples a step, 18 epochs, lr / 10 at epochs 12 and 16 (paper 4.3: VQA's, half the batch)
+    batch_size: int = 16  # examples per process and micro-step, each a sentence and two images (two rows)
+    global_batch: int = 128  # examples per optimiser step, all processes and micro-steps together
+    epochs: float = 18  # passes over the training examples
+    max_steps: int = 0  # optimiser steps at most (0: as many as --epochs make)
+    lr_milestones: str = "12,16"  # epochs at which every learning rate is divided by 10, comma-separated
+    lr: float = 1e-4  # AdamW's learning rate: Transformer, visual embedding and head (pre-training's)
+    weight_decay: float = 1e-2  # AdamW's weight decay
+    cnn_lr: float = 1e-2  # the CNN's learning rate (0: the CNN stays as loaded)
+    cnn_weight_decay: float = 5e-4  # the CNN's weight decay
+    cnn_momentum: float = 0.9  # the CNN's SGD momentum
+    cnn_optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd: the paper's | adamw
+    warmup_steps: int = 500  # optimiser steps of linear learning-rate warm-up (not given in the paper)
+    warmup_start: float = 1 / 3  # the warm-up's first learning rates, a fraction of --lr and --cnn-lr
+    grad_clip: float = 10.0  # largest global gradient norm (0: no clipping)
+    seed: int = 0  # seeds the new head, the data order and dropout
     # precision and device
-    dtype: str = "auto"  # auto (bf16 where the hardware has it; else fp32 on CPUs, fp16 on GPUs), bf16, fp16, fp32
-    device: str = ""
-    compile: bool = False
-    channels_last: bool = True
-    # logging, checkpoints
-    log_every: int = 50
-    ckpt_every: int = 2000
-    keep_checkpoints: int = 3  # the last K step checkpoints are kept
+    dtype: Literal[common.DTYPES] = "auto"  # auto: bf16 where the device has it natively, else fp32 on a CPU
+    #  and fp16 on a GPU
+    device: str = ""  # cpu, cuda, cuda:1...; none: cuda if there is a GPU, else cpu
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = True  # NHWC convolutions in the CNN (faster with bf16 on GPUs and AMX CPUs)
+    # logging and checkpoints
+    out_dir: str = "runs/nlvr"  # run folder: config.json, metrics.jsonl, ckpt_<step>.pt, best.pt
+    log_every: int = 50  # optimiser steps between logged losses (dev accuracy: after each epoch)
+    ckpt_every: int = 2000  # optimiser steps between step checkpoints (the last step is always saved)
+    keep_checkpoints: int = 3  # step checkpoints kept, the newest
     resume: bool = False  # continue exactly from the newest complete checkpoint in --out-dir
-    seed: int = 0
 
 
 # The demo: the tiny model pre-trained by `python pretrain.py`, on the demo corpus's NLVR2 files
-# (1,500 train / 300 dev examples). With so few examples it overfits (train loss 0.3 by epoch 6):
-# a low lr keeps what pre-training learned (best dev 71.7 at 1e-4, 70.0 at 3e-4 over 8 epochs;
-# 72.3 after 12 epochs at 3e-4, with dev falling from epoch 9 on).
+# (docs/demo.md has the measurements). With so few examples it overfits within a few epochs: a low lr
+# keeps what pre-training learned.
 PRESETS = {"demo": dict(model="tiny", init="runs/demo_pretrain/final.pt", image_min_size=128, image_max_size=192,
                         batch_size=32, global_batch=32, epochs=8, lr_milestones="6", lr=1e-4, cnn_lr=1e-4,
                         cnn_optimizer="adamw", warmup_steps=30, dropout=0.0, num_workers=1, log_every=10,
@@ -102,14 +110,13 @@ def majority_baseline(records):
 
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
-    if cfg.data not in ("demo", "nlvr2"):
-        raise SystemExit(f"--data {cfg.data}: choose demo or nlvr2")
+    common.check_config(cfg)
     ddp = common.setup_distributed(cfg.device)
     cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
     accum, _ = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size, 1, "")
-    checkpoint.prepare_out_dir(cfg.out_dir, cfg.resume)
+    checkpoint.prepare_out_dir(cfg, ddp)
 
     # ---- data: the official JSON Lines files; each example is a sentence and two images
     init_state, tokenizer = checkpoint.init_and_tokenizer(cfg)
@@ -119,6 +126,7 @@ def main(argv=None):
     train_set = data.NLVR2Examples(cfg.data_root, train_records, tokenizer, cfg.image_min_size, cfg.image_max_size,
                                    cfg.skip_bad_images)
     eval_set = data.NLVR2Examples(cfg.data_root, eval_records, tokenizer, cfg.image_min_size, cfg.image_max_size)
+    data.check_images([os.path.join(cfg.data_root, p) for pair in eval_set.images for p in pair], cfg.eval_split)
     sampler = data.MicroBatchSampler(len(train_set), cfg.batch_size, ddp.world_size, ddp.rank, accum, cfg.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=data.collate_nlvr2,
                                          num_workers=cfg.num_workers, pin_memory=ddp.device.type == "cuda",
@@ -173,7 +181,8 @@ def main(argv=None):
         micro_batches = iter(loader)
         for _ in range(first, steps_per_epoch):
             checkpoint.seed_step(cfg.seed, ddp.rank, step)
-            micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last) for _ in range(accum)]
+            micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last, raw_model.config)
+                     for _ in range(accum)]
             for b in micro:
                 bad_images.note(b)
             num_examples = common.all_reduce_sum(torch.tensor(sum(len(b["labels"]) for b in micro),
@@ -243,4 +252,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)  # one line per error, never a stack; exit 2 for a flag, 1 for data (docs/reliability.md)

@@ -21,6 +21,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -35,80 +36,88 @@ from model import hard_negative_loss, make_optimizers, rank_scores
 
 @dataclass
 class Config:
-    """Pixel-BERT fine-tuning for image-text retrieval. Defaults are the paper's recipe for --data flickr30k."""
-    data: str = "demo"  # demo (the built-in corpus's Flickr30K files) | flickr30k | coco (files under --data-root)
-    data_root: str = "data/demo"
-    model: str = "r50"  # tiny | r50 | x152
-    init: str = ""  # a Pixel-BERT checkpoint (pre-training) to start from
-    bert: str = ""  # or a Hugging Face BERT folder/file ...
-    cnn: str = ""  # ... and a torchvision ResNet/ResNeXt .pth
-    vocab: str = ""  # WordPiece vocab.txt; default: the --bert folder's, else <data-root>/vocab.txt
-    out_dir: str = "runs/retrieval"
-    # the ranking loss (paper 4.4)
-    negatives: int = 20  # captions of other images scored with each ground-truth caption
-    hard_negatives: int = 5  # of those, the highest-scoring ones it is ranked against (= negatives: a full softmax)
-    # batch and schedule: Flickr30K 10 epochs, lr / 10 at epoch 6 (COCO: 4 and 2, see PRESETS)
-    batch_size: int = 8  # images per process and micro-step, each with 1 + negatives captions
-    global_batch: int = 512  # images per optimiser step (paper: 8 GPUs x 64)
-    epochs: float = 10  # an epoch is one pass over the ground-truth captions
-    max_steps: int = 0
-    lr_milestones: str = "6"  # epochs
-    lr: float = 1e-4  # AdamW, Transformer, visual embedding and head; the CNN is frozen
-    weight_decay: float = 1e-2
-    warmup_steps: int = 100  # not given in the paper
-    warmup_start: float = 1 / 3
-    grad_clip: float = 10.0
-    # data and evaluation
-    image_min_size: int = 800
-    image_max_size: int = 1333
-    max_text_len: int = 40
-    eval_images: int = 1000  # validation images (all their captions, full protocol) scored each epoch
-    eval_pairs: int = 1024  # (image, caption) pairs per scoring batch
-    num_workers: int = 6
+    """Pixel-BERT fine-tuning for image-text retrieval: a linear layer on [CLS] scores each (image,
+    caption) pair, ranked against hard negatives; the CNN is frozen. The defaults are the paper's
+    recipe for --data flickr30k (paper 4.4)."""
+    # data
+    data: Literal["demo", "flickr30k", "coco"] = "demo"  # demo: the built-in corpus's Flickr30K files |
+    #  flickr30k | coco: the official files (Karpathy splits) under --data-root
+    data_root: str = "data/demo"  # folder of the official files (README: Real data) or of the demo corpus
+    vocab: str = ""  # WordPiece vocab.txt; none: the --init checkpoint's, else the --bert folder's, else
+    #  <data-root>/vocab.txt
+    image_min_size: int = 800  # pixels: each image is resized so that its shorter side is this...
+    image_max_size: int = 1333  # pixels: ...or its longer side this, whichever is smaller
+    max_text_len: int = 40  # word pieces of a caption, [CLS] and [SEP] included; longer captions are cut
+    num_workers: int = 6  # DataLoader processes per training process (0: load in the training process)
     skip_bad_images: bool = False  # report, count and skip unreadable training images instead of stopping
-    # model
-    dropout: float = 0.1
-    # visual embedding (paper 3.2); ignored with --init, whose checkpoint fixes the architecture
-    pixel_pool: int = 2
-    visual_layernorm: bool = False
-    visual_position: bool = False
+    # model: a pre-training checkpoint (--init), or the --model architecture with --bert and --cnn weights
+    init: str = ""  # the Pixel-BERT checkpoint to fine-tune (pretrain.py's final.pt; its ITM head starts the
+    #  ranking head)
+    model: Literal["tiny", "r50", "x152"] = "r50"  # tiny: the demo's | r50: ResNet-50 + BERT-base |
+    #  x152: ResNeXt-152 32x8d + BERT-base. With --init, the checkpoint's architecture
+    bert: str = ""  # without --init: a Hugging Face BERT folder or weights file for the Transformer
+    cnn: str = ""  # without --init: a torchvision ResNet .pth (or a converted ResNeXt) for the CNN
+    from_scratch: bool = False  # allow r50 / x152 on real data without --init, --bert or --cnn (random weights)
+    dropout: float = 0.1  # BERT's dropout probability (hidden states and attention)
+    pixel_pool: int = 2  # without --init: cells of the stride-32 feature map max-pooled into a pixel token, a
+    #  side (paper: 2)
+    visual_layernorm: bool = False  # without --init: LayerNorm + dropout on pixel tokens (not in the paper)
+    visual_position: bool = False  # without --init: learned row and column embeddings of pixel tokens (not in
+    #  the paper)
+    # the ranking loss (paper 4.4)
+    negatives: int = 20  # captions of other images scored with each image's ground-truth caption
+    hard_negatives: int = 5  # the highest-scoring of those, which the ground truth is ranked against
+    #  (at most --negatives; equal: a softmax over all)
+    # optimisation: 512 images a step; Flickr30K 10 epochs, lr / 10 at epoch 6 (COCO: 4 and 2)
+    batch_size: int = 8  # images per process and micro-step, each with its caption and --negatives others
+    global_batch: int = 512  # images per optimiser step, all processes and micro-steps together (paper: 8 x 64)
+    epochs: float = 10  # passes over the ground-truth captions
+    max_steps: int = 0  # optimiser steps at most (0: as many as --epochs make)
+    lr_milestones: str = "6"  # epochs at which the learning rate is divided by 10, comma-separated
+    lr: float = 1e-4  # AdamW's learning rate: Transformer, visual embedding and head (the CNN is frozen)
+    weight_decay: float = 1e-2  # AdamW's weight decay
+    warmup_steps: int = 100  # optimiser steps of linear learning-rate warm-up (not given in the paper)
+    warmup_start: float = 1 / 3  # the warm-up's first learning rate, a fraction of --lr
+    grad_clip: float = 10.0  # largest global gradient norm (0: no clipping)
+    seed: int = 0  # seeds the new head, the data order, the negatives and dropout
     # precision and device
-    dtype: str = "auto"  # auto (bf16 where the hardware has it; else fp32 on CPUs, fp16 on GPUs), bf16, fp16, fp32
-    device: str = ""
-    compile: bool = False
-    channels_last: bool = True
-    # logging, checkpoints
-    log_every: int = 50
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 3
+    dtype: Literal[common.DTYPES] = "auto"  # auto: bf16 where the device has it natively, else fp32 on a CPU
+    #  and fp16 on a GPU
+    device: str = ""  # cpu, cuda, cuda:1...; none: cuda if there is a GPU, else cpu
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = True  # NHWC convolutions in the CNN (faster with bf16 on GPUs and AMX CPUs)
+    # evaluation, logging and checkpoints
+    eval_images: int = 1000  # validation images scored after each epoch against all their split's captions
+    score_batch: int = 1024  # (image, caption) pairs per Transformer batch when scoring
+    out_dir: str = "runs/retrieval"  # run folder: config.json, metrics.jsonl, ckpt_<step>.pt, best.pt
+    log_every: int = 50  # optimiser steps between logged losses
+    ckpt_every: int = 1000  # optimiser steps between step checkpoints (the last step is always saved)
+    keep_checkpoints: int = 3  # step checkpoints kept, the newest
     resume: bool = False  # continue exactly from the newest complete checkpoint in --out-dir
-    seed: int = 0
 
 
 # The demo: the tiny model pre-trained by `python pretrain.py`, on the demo corpus's Flickr30K split
-# (600 train / 100 val / 100 test images, 5 captions each). The paper's loss and negatives; a lower lr and a
-# shorter schedule than the paper's: on the demo no setting tried clearly improved on the ITM-initialised
-# start (README), and this one at least leaves it intact.
+# (docs/demo.md). The paper's loss and negatives; a lower lr and a shorter schedule than the paper's: on the
+# demo no setting tried clearly improved on the ITM-initialised start, and this one at least leaves it intact.
 PRESETS = {"demo": dict(model="tiny", init="runs/demo_pretrain/final.pt", image_min_size=128, image_max_size=192,
                         batch_size=32, global_batch=32, epochs=1, lr_milestones="", lr=1e-5, warmup_steps=0,
-                        dropout=0.0, eval_images=100, eval_pairs=512, num_workers=1, log_every=10, ckpt_every=200,
+                        dropout=0.0, eval_images=100, score_batch=512, num_workers=1, log_every=10, ckpt_every=200,
                         out_dir="runs/demo_retrieval"),
            "coco": dict(epochs=4, lr_milestones="2")}
 
 
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
+    common.check_config(cfg)
+    if cfg.hard_negatives > cfg.negatives:
+        raise SystemExit(f"--hard-negatives {cfg.hard_negatives} must be in 1..--negatives ({cfg.negatives})")
     ddp = common.setup_distributed(cfg.device)
     cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
     accum, _ = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size, 1, "--batch-size")
-    if not 0 < cfg.hard_negatives <= cfg.negatives:
-        raise SystemExit(f"--hard-negatives {cfg.hard_negatives} must be in 1..--negatives ({cfg.negatives})")
     dataset = "flickr30k" if cfg.data == "demo" else cfg.data  # the demo corpus is written in Flickr30K's format
-    if dataset not in ("flickr30k", "coco"):
-        raise SystemExit(f"--data {cfg.data}: choose demo, flickr30k or coco")
-    checkpoint.prepare_out_dir(cfg.out_dir, cfg.resume)
+    checkpoint.prepare_out_dir(cfg, ddp)
 
     # ---- data: Karpathy train (COCO: + restval) for training, val for model selection, test at the end
     init_state, tokenizer = checkpoint.init_and_tokenizer(cfg)
@@ -117,6 +126,8 @@ def main(argv=None):
     val_captions = data.RetrievalCaptions(data.retrieval_entries(cfg.data_root, dataset, "val")[: cfg.eval_images],
                                           tokenizer)
     test_captions = data.RetrievalCaptions(data.retrieval_entries(cfg.data_root, dataset, "test"), tokenizer)
+    data.check_images([os.path.join(cfg.data_root, p) for p in val_captions.image_paths + test_captions.image_paths],
+                      "val / test")
     train_set = data.RetrievalPairs(cfg.data_root, train_captions, cfg.image_min_size, cfg.image_max_size,
                                     cfg.negatives, cfg.seed, cfg.skip_bad_images)
     sampler = data.MicroBatchSampler(len(train_set), cfg.batch_size, ddp.world_size, ddp.rank, accum, cfg.seed)
@@ -171,7 +182,7 @@ def main(argv=None):
 
     def evaluate(captions):
         scores, _ = retrieval_scores(raw_model, cfg.data_root, captions, ddp, cfg.image_min_size, cfg.image_max_size,
-                                     cfg.dtype, cfg.eval_pairs, cfg.num_workers, cfg.channels_last, progress=False)
+                                     cfg.dtype, cfg.score_batch, cfg.num_workers, cfg.channels_last, progress=False)
         train_mode()
         return retrieval_recall(scores, captions.caption_image)
 
@@ -195,7 +206,8 @@ def main(argv=None):
         micro_batches = iter(loader)
         for _ in range(first, steps_per_epoch):
             checkpoint.seed_step(cfg.seed, ddp.rank, step)
-            micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last) for _ in range(accum)]
+            micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last, raw_model.config)
+                     for _ in range(accum)]
             for b in micro:
                 bad_images.note(b)
             num_images = common.all_reduce_sum(torch.tensor(sum(len(b["images"]) for b in micro), device=ddp.device,
@@ -283,4 +295,4 @@ def recall_line(m):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)  # one line per error, never a stack; exit 2 for a flag, 1 for data (docs/reliability.md)

@@ -18,6 +18,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -26,74 +27,81 @@ import checkpoint
 import common
 import data
 from evaluate import predict_vqa, vqa_eval_loader
-from metrics import vqa_score
+from metrics import VQA_RULES, vqa_score
 from model import make_optimizers, vqa_loss
 
 
 @dataclass
 class Config:
-    """Pixel-BERT fine-tuning on VQA 2.0. Defaults are the paper's recipe for --data vqa."""
-    data: str = "demo"  # demo (the built-in corpus) | vqa (the official files under --data-root)
-    data_root: str = "data/demo"
-    model: str = "r50"  # tiny | r50 | x152
-    init: str = ""  # a Pixel-BERT checkpoint (pre-training) to start from
-    bert: str = ""  # or a Hugging Face BERT folder/file ...
-    cnn: str = ""  # ... and a torchvision ResNet/ResNeXt .pth
-    vocab: str = ""  # WordPiece vocab.txt; default: the --bert folder's, else <data-root>/vocab.txt
-    out_dir: str = "runs/vqa"
-    train_split: str = "trainval"  # train | trainval (train + val minus minival: the setting for the test server)
-    eval_split: str = "minival"  # val | minival (held out of val; model selection)
-    minival_images: int = 5000  # val2014 images held out as minival
-    min_answer_count: int = 9  # answer vocabulary: normalised answers seen this often (3,129 on VQA v2)
-    vqa_rules: str = "current"  # answer processing of the official VQA tool for the soft targets and the held-out
-    # accuracy: current (GT-Vision-Lab/VQA since its 2021 fix) | 2017 (the older copy, for comparison with old numbers)
-    # batch and schedule: 256 questions, 18 epochs, lr / 10 at epochs 12 and 16 (paper 4.2)
-    batch_size: int = 32  # questions per process and micro-step
-    global_batch: int = 256
-    epochs: float = 18
-    max_steps: int = 0
-    lr_milestones: str = "12,16"  # epochs
-    lr: float = 1e-4  # AdamW, Transformer and heads (the pre-training rates)
-    weight_decay: float = 1e-2
-    cnn_lr: float = 1e-2  # SGD, CNN; 0 keeps the CNN fixed
-    cnn_weight_decay: float = 5e-4
-    cnn_momentum: float = 0.9
-    cnn_optimizer: str = "sgd"  # sgd | adamw
-    warmup_steps: int = 500  # not given in the paper
-    warmup_start: float = 1 / 3
-    grad_clip: float = 10.0
+    """Pixel-BERT fine-tuning on VQA 2.0: an MLP on [CLS] scores each answer of a fixed vocabulary.
+    The defaults are the paper's recipe for --data vqa (paper 4.2)."""
     # data
-    image_min_size: int = 800
-    image_max_size: int = 1333
-    max_text_len: int = 40
-    questions_per_image: int = 1  # questions sharing one CNN pass; 1 is the paper's setting
-    num_workers: int = 6
+    data: Literal["demo", "vqa"] = "demo"  # demo: the built-in corpus's VQA v2 files | vqa: the official VQA v2
+    #  files under --data-root
+    data_root: str = "data/demo"  # folder of the official files (README: Real data) or of the demo corpus
+    vocab: str = ""  # WordPiece vocab.txt; none: the --init checkpoint's, else the --bert folder's, else
+    #  <data-root>/vocab.txt
+    train_split: Literal["train", "trainval"] = "trainval"  # train | trainval: train + val minus minival (the
+    #  setting for the test server)
+    eval_split: Literal["val", "minival"] = "minival"  # held-out questions for model selection: val | minival
+    minival_images: int = 5000  # val2014 images (with all their questions) held out of val as minival
+    min_answer_count: int = 9  # answers (normalised) given at least this often in train + val make the answer
+    #  vocabulary (3,129 answers on VQA v2 at 9)
+    vqa_rules: Literal[VQA_RULES] = "current"  # the official VQA tool's answer processing, for the soft targets
+    #  and the held-out accuracy: current (since its 2021 fix) | 2017 (its older copy, to compare with old numbers)
+    image_min_size: int = 800  # pixels: each image is resized so that its shorter side is this...
+    image_max_size: int = 1333  # pixels: ...or its longer side this, whichever is smaller
+    max_text_len: int = 40  # word pieces of a question, [CLS] and [SEP] included; longer questions are cut
+    questions_per_image: int = 1  # questions that share one image and its CNN pass (1: the paper's)
+    num_workers: int = 6  # DataLoader processes per training process (0: load in the training process)
     skip_bad_images: bool = False  # report, count and skip unreadable training images instead of stopping
-    # model
-    dropout: float = 0.1
-    # visual embedding (paper 3.2); ignored with --init, whose checkpoint fixes the architecture
-    pixel_pool: int = 2  # max-pool of the stride-32 feature map (paper: 2)
-    visual_layernorm: bool = False  # LayerNorm + dropout on pixel tokens (not in the paper)
-    visual_position: bool = False  # learned 2-D position embeddings of pixel tokens (not in the paper)
+    # model: a pre-training checkpoint (--init), or the --model architecture with --bert and --cnn weights
+    init: str = ""  # the Pixel-BERT checkpoint to fine-tune (pretrain.py's final.pt)
+    model: Literal["tiny", "r50", "x152"] = "r50"  # tiny: the demo's | r50: ResNet-50 + BERT-base |
+    #  x152: ResNeXt-152 32x8d + BERT-base. With --init, the checkpoint's architecture
+    bert: str = ""  # without --init: a Hugging Face BERT folder or weights file for the Transformer
+    cnn: str = ""  # without --init: a torchvision ResNet .pth (or a converted ResNeXt) for the CNN
+    from_scratch: bool = False  # allow r50 / x152 on real data without --init, --bert or --cnn (random weights)
+    dropout: float = 0.1  # BERT's dropout probability (hidden states and attention)
+    pixel_pool: int = 2  # without --init: cells of the stride-32 feature map max-pooled into a pixel token, a
+    #  side (paper: 2)
+    visual_layernorm: bool = False  # without --init: LayerNorm + dropout on pixel tokens (not in the paper)
+    visual_position: bool = False  # without --init: learned row and column embeddings of pixel tokens (not in
+    #  the paper)
+    # optimisation: 256 questions a step, 18 epochs, lr / 10 at epochs 12 and 16 (paper 4.2)
+    batch_size: int = 32  # questions per process and micro-step; gradient accumulation fills --global-batch
+    global_batch: int = 256  # questions per optimiser step, all processes and micro-steps together
+    epochs: float = 18  # passes over the training questions
+    max_steps: int = 0  # optimiser steps at most (0: as many as --epochs make)
+    lr_milestones: str = "12,16"  # epochs at which every learning rate is divided by 10, comma-separated
+    lr: float = 1e-4  # AdamW's learning rate: Transformer, visual embedding and head (pre-training's)
+    weight_decay: float = 1e-2  # AdamW's weight decay
+    cnn_lr: float = 1e-2  # the CNN's learning rate (0: the CNN stays as loaded)
+    cnn_weight_decay: float = 5e-4  # the CNN's weight decay
+    cnn_momentum: float = 0.9  # the CNN's SGD momentum
+    cnn_optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd: the paper's | adamw
+    warmup_steps: int = 500  # optimiser steps of linear learning-rate warm-up (not given in the paper)
+    warmup_start: float = 1 / 3  # the warm-up's first learning rates, a fraction of --lr and --cnn-lr
+    grad_clip: float = 10.0  # largest global gradient norm (0: no clipping)
+    seed: int = 0  # seeds the new head, the data order and dropout
     # precision and device
-    dtype: str = "auto"  # auto (bf16 where the hardware has it; else fp32 on CPUs, fp16 on GPUs), bf16, fp16, fp32
-    device: str = ""
-    compile: bool = False
-    channels_last: bool = True
-    # logging, checkpoints
-    log_every: int = 50
-    ckpt_every: int = 2000
-    keep_checkpoints: int = 3  # the last K step checkpoints are kept
+    dtype: Literal[common.DTYPES] = "auto"  # auto: bf16 where the device has it natively, else fp32 on a CPU
+    #  and fp16 on a GPU
+    device: str = ""  # cpu, cuda, cuda:1...; none: cuda if there is a GPU, else cpu
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = True  # NHWC convolutions in the CNN (faster with bf16 on GPUs and AMX CPUs)
+    # logging and checkpoints
+    out_dir: str = "runs/vqa"  # run folder: config.json, ans2label.json, metrics.jsonl, ckpt_<step>.pt, best.pt
+    log_every: int = 50  # optimiser steps between logged losses (held-out accuracy: after each epoch)
+    ckpt_every: int = 2000  # optimiser steps between step checkpoints (the last step is always saved)
+    keep_checkpoints: int = 3  # step checkpoints kept, the newest
     resume: bool = False  # continue exactly from the newest complete checkpoint in --out-dir
-    seed: int = 0
 
 
-# The demo: the tiny model pre-trained by `python pretrain.py`, on the demo corpus's VQA files. A lower
-# fine-tuning lr than pre-training's keeps what pre-training learned (8 epochs: 66% vs 63% at 1e-3). The CNN
-# stays as pre-training left it. Fine-tuned too (AdamW at 3e-5) it fit the training questions better but not
-# the held-out ones: best minival 90.1 +- 0.8 over five seeds (89.5 to 91.4), against 90.4 +- 0.05 over three
-# with it fixed (16 epochs; 90.4 +- 0.4 over four at 12), measured on a GPU in bf16 from one pre-training.
-# The fixed CNN also skips its backward pass.
+# The demo: the tiny model pre-trained by `python pretrain.py`, on the demo corpus's VQA files (docs/demo.md
+# has the sweep behind each choice). A lower fine-tuning lr than pre-training's keeps what pre-training
+# learned. The CNN stays as pre-training left it: fine-tuned too, it fit the training questions better but
+# not the held-out ones, and the fixed CNN skips its backward pass.
 PRESETS = {"demo": dict(model="tiny", init="runs/demo_pretrain/final.pt", image_min_size=128, image_max_size=192,
                         batch_size=160, global_batch=160, questions_per_image=5, epochs=16, lr_milestones="12",
                         lr=3e-4, cnn_lr=0.0, cnn_optimizer="adamw", warmup_steps=30, dropout=0.0,
@@ -103,17 +111,16 @@ PRESETS = {"demo": dict(model="tiny", init="runs/demo_pretrain/final.pt", image_
 
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
+    common.check_config(cfg)
+    if cfg.train_split == "trainval" and cfg.eval_split == "val":
+        raise common.refuse("eval_split", "val", "--train-split trainval contains most of val: use minival")
     ddp = common.setup_distributed(cfg.device)
     cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
     accum, images_per_batch = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size,
                                                 cfg.questions_per_image, "--questions-per-image")
-    if cfg.train_split not in ("train", "trainval") or cfg.eval_split not in ("val", "minival"):
-        raise SystemExit("--train-split is train or trainval; --eval-split is val or minival")
-    if cfg.train_split == "trainval" and cfg.eval_split == "val":
-        raise SystemExit("--train-split trainval contains most of val: evaluate on --eval-split minival")
-    checkpoint.prepare_out_dir(cfg.out_dir, cfg.resume)
+    checkpoint.prepare_out_dir(cfg, ddp)
 
     # ---- data: questions, the answer vocabulary (from train + val, as is standard), soft targets
     init_state, tokenizer = checkpoint.init_and_tokenizer(cfg)
@@ -137,6 +144,7 @@ def main(argv=None):
 
     train_set = questions(train_q, train_a, cfg.questions_per_image, cfg.skip_bad_images)
     eval_set = questions(eval_q, eval_a, 0)
+    data.check_images([os.path.join(cfg.data_root, str(p)) for p in eval_set.image_paths], cfg.eval_split)
     sampler = data.MicroBatchSampler(len(train_set), images_per_batch, ddp.world_size, ddp.rank, accum, cfg.seed,
                                      epoch_size=len(train_set) // cfg.questions_per_image)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=data.collate,
@@ -190,7 +198,8 @@ def main(argv=None):
         micro_batches = iter(loader)
         for _ in range(first, steps_per_epoch):
             checkpoint.seed_step(cfg.seed, ddp.rank, step)
-            micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last) for _ in range(accum)]
+            micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last, raw_model.config)
+                     for _ in range(accum)]
             for b in micro:
                 bad_images.note(b)
             num_questions = common.all_reduce_sum(torch.tensor(sum(len(b["question_id"]) for b in micro),
@@ -267,4 +276,4 @@ def check_answer_vocab(answers, other, source):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)  # one line per error, never a stack; exit 2 for a flag, 1 for data (docs/reliability.md)

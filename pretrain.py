@@ -2,19 +2,20 @@
 Pixel-BERT pre-training: masked language modelling (MLM) + image-text matching (ITM) on COCO
 captions and Visual Genome region phrases (paper 3.4 and 4.1).
 
-    python pretrain.py          # demo: renders data/demo, trains the tiny model, ~9 min on 2 AMX cores (~23 in fp32)
-    torchrun --nproc_per_node=8 pretrain.py --data coco_vg --data-root /datasets \
-        --bert weights/bert-base-uncased --cnn weights/resnet50-11ad3fa6.pth
+    python3 pretrain.py         # demo: renders data/demo, trains the tiny model on the CPU (docs/demo.md)
+    torchrun --nproc_per_node=8 pretrain.py --data coco_vg --data-root /datasets --out-dir runs/pretrain_r50 \
+        --bert weights/bert-base-uncased --cnn weights/resnet50-0676ba61.pth
 
 Reads top to bottom: config -> processes -> data -> model -> optimisers -> loop -> evaluation.
 SIGTERM / SIGUSR1 finish the step in flight, write a checkpoint and exit with status 75;
-the same command with --resume continues exactly (README: Reliability).
+the same command with --resume continues exactly (docs/reliability.md).
 """
 
 import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 
@@ -27,76 +28,85 @@ from tools import pretrain_cnn, synthetic
 
 @dataclass
 class Config:
-    """Pixel-BERT pre-training (MLM + ITM). Defaults are the paper's recipe for --data coco_vg."""
-    data: str = "demo"  # demo | coco (Karpathy train+restval) | coco2014 | vg | coco_vg
-    data_root: str = "data/demo"
-    model: str = "r50"  # tiny | r50 | x152
-    bert: str = ""  # Hugging Face BERT folder or file to initialise the Transformer (bert-base-uncased)
-    cnn: str = ""  # torchvision ResNet/ResNeXt .pth to initialise the CNN
-    cnn_pretrain_epochs: float = 0  # >0: first train the CNN on <data-root>/imagenet (pretrain_cnn.py), start from it
-    init: str = ""  # a Pixel-BERT checkpoint to start from instead
-    vocab: str = ""  # WordPiece vocab.txt; default: the --bert folder's, else <data-root>/vocab.txt
-    out_dir: str = "runs/pretrain"
-    # batch and schedule: 4096 pairs, 40 epochs, lr / 10 at epochs 25 and 35 (paper 4.1)
-    batch_size: int = 32  # pairs per process and micro-step; accumulation fills the global batch
-    global_batch: int = 4096
-    epochs: float = 40
-    max_steps: int = 0  # stop after this many steps (0: all epochs)
-    lr_milestones: str = "25,35"  # epochs
-    lr: float = 1e-4  # AdamW, Transformer and heads
-    weight_decay: float = 1e-2
-    cnn_lr: float = 1e-2  # SGD, CNN; 0 keeps the CNN fixed
-    cnn_weight_decay: float = 5e-4
-    cnn_momentum: float = 0.9
-    cnn_optimizer: str = "sgd"  # sgd (paper, ImageNet-initialised CNN) | adamw (a CNN trained from scratch)
-    warmup_steps: int = 1000  # linear warm-up from warmup_start x lr (not given in the paper)
-    warmup_start: float = 1 / 3
-    grad_clip: float = 10.0  # on the global gradient norm; 0 disables (not given in the paper)
+    """Pixel-BERT pre-training: masked language modelling (MLM) and image-text matching (ITM) on
+    image-caption pairs. The defaults are the paper's recipe for --data coco_vg (paper 4.1)."""
     # data
-    image_min_size: int = 800
-    image_max_size: int = 1333
-    max_text_len: int = 40
-    pixel_samples: int = 100  # pixel random sampling; 0 keeps every pixel token
-    tasks: str = "mlm,itm"  # pre-training objectives (the paper's ablation drops one or the other)
-    mask_prob: float = 0.15
-    itm_neg_prob: float = 0.5
-    mlm_on_negatives: bool = False
-    captions_per_image: int = 1  # pairs sharing one CNN pass; 1 is the paper's setting (SOHO uses 4)
-    group_aspect: bool = True  # batch landscape and portrait images separately (less padding)
-    num_workers: int = 6
+    data: Literal["demo", "coco", "coco2014", "vg", "coco_vg"] = "demo"  # demo: the built-in corpus of shapes
+    #  (rendered into --data-root) | coco: Karpathy train + restval | coco2014: the official 2014 captions |
+    #  vg: Visual Genome region phrases | coco_vg: coco and vg (the paper's)
+    data_root: str = "data/demo"  # folder of the official files (README: Real data) or of the demo corpus
+    vocab: str = ""  # WordPiece vocab.txt; none: the --init checkpoint's, else the --bert folder's, else
+    #  <data-root>/vocab.txt
+    image_min_size: int = 800  # pixels: each image is resized so that its shorter side is this...
+    image_max_size: int = 1333  # pixels: ...or its longer side this, whichever is smaller
+    max_text_len: int = 40  # word pieces of a caption, [CLS] and [SEP] included; longer captions are cut
+    captions_per_image: int = 1  # pairs that share one image and its CNN pass (1: the paper's)
+    group_aspect: bool = True  # batch landscape and portrait images apart (less padding)
+    num_workers: int = 6  # DataLoader processes per training process (0: load in the training process)
     skip_bad_images: bool = False  # report, count and skip unreadable training images instead of stopping
-    # model
-    dropout: float = 0.1
-    # visual embedding (paper 3.2); ignored with --init, whose checkpoint fixes the architecture
-    pixel_pool: int = 2  # max-pool of the stride-32 feature map (paper: 2)
-    visual_layernorm: bool = False  # LayerNorm + dropout on pixel tokens (not in the paper)
-    visual_position: bool = False  # learned 2-D position embeddings of pixel tokens (not in the paper)
+    # model: the --model architecture with --bert and --cnn weights, or a Pixel-BERT checkpoint (--init)
+    model: Literal["tiny", "r50", "x152"] = "r50"  # tiny: the demo's | r50: ResNet-50 + BERT-base |
+    #  x152: ResNeXt-152 32x8d + BERT-base. With --init, the checkpoint's architecture
+    bert: str = ""  # Hugging Face BERT folder or weights file (bert-base-uncased) for the Transformer
+    cnn: str = ""  # torchvision ResNet .pth (or a converted ResNeXt) for the CNN
+    cnn_pretrain_epochs: float = 0  # epochs of classification on <data-root>/imagenet that give the CNN its
+    #  start (tools/pretrain_cnn.py; 0: none)
+    init: str = ""  # a Pixel-BERT checkpoint to start from, instead of --bert and --cnn
+    from_scratch: bool = False  # allow r50 / x152 on real data without --bert, --cnn or --init (random weights)
+    dropout: float = 0.1  # BERT's dropout probability (hidden states and attention)
+    pixel_pool: int = 2  # cells of the stride-32 feature map max-pooled into a pixel token, a side (paper: 2;
+    #  with --init, the checkpoint's)
+    visual_layernorm: bool = False  # LayerNorm + dropout on pixel tokens (not in the paper; with --init, the
+    #  checkpoint's)
+    visual_position: bool = False  # learned row and column embeddings of pixel tokens (not in the paper;
+    #  with --init, the checkpoint's)
+    # pre-training tasks (paper 3.3)
+    tasks: str = "mlm,itm"  # objectives: mlm,itm | mlm | itm (the paper's ablation drops one)
+    mask_prob: float = 0.15  # MLM: probability that a word piece is masked
+    itm_neg_prob: float = 0.5  # ITM: probability that a pair's caption is replaced by another image's
+    mlm_on_negatives: bool = False  # MLM on mismatched pairs too
+    pixel_samples: int = 100  # pixel random sampling: pixel tokens kept per image (0: all)
+    # optimisation: 4096 pairs a step, 40 epochs, lr / 10 at epochs 25 and 35 (paper 4.1)
+    batch_size: int = 32  # pairs per process and micro-step; gradient accumulation fills --global-batch
+    global_batch: int = 4096  # pairs per optimiser step, all processes and micro-steps together
+    epochs: float = 40  # passes over the training pairs
+    max_steps: int = 0  # optimiser steps at most (0: as many as --epochs make)
+    lr_milestones: str = "25,35"  # epochs at which every learning rate is divided by 10, comma-separated
+    lr: float = 1e-4  # AdamW's learning rate: Transformer, visual embedding and heads
+    weight_decay: float = 1e-2  # AdamW's weight decay
+    cnn_lr: float = 1e-2  # the CNN's learning rate (0: the CNN stays as loaded)
+    cnn_weight_decay: float = 5e-4  # the CNN's weight decay
+    cnn_momentum: float = 0.9  # the CNN's SGD momentum
+    cnn_optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd: the paper's, for an ImageNet-trained CNN | adamw:
+    #  for a CNN trained from scratch
+    warmup_steps: int = 1000  # optimiser steps of linear learning-rate warm-up (not given in the paper)
+    warmup_start: float = 1 / 3  # the warm-up's first learning rates, a fraction of --lr and --cnn-lr
+    grad_clip: float = 10.0  # largest global gradient norm (0: no clipping; not given in the paper)
+    seed: int = 0  # seeds the initialisation, the data order, masks, negatives and dropout
     # precision and device
-    dtype: str = "auto"  # auto (bf16 where the hardware has it; else fp32 on CPUs, fp16 on GPUs), bf16, fp16, fp32
-    device: str = ""  # default: cuda if available, else cpu
-    compile: bool = False
+    dtype: Literal[common.DTYPES] = "auto"  # auto: bf16 where the device has it natively, else fp32 on a CPU
+    #  and fp16 on a GPU
+    device: str = ""  # cpu, cuda, cuda:1...; none: cuda if there is a GPU, else cpu
+    compile: bool = False  # torch.compile the model
     channels_last: bool = True  # NHWC convolutions in the CNN (faster with bf16 on GPUs and AMX CPUs)
-    # logging, evaluation, checkpoints
-    log_every: int = 50
-    eval_every: int = 2000  # steps; 0: at the end only
-    eval_pairs: int = 5000  # held-out pairs for MLM / ITM accuracy (Karpathy val captions)
-    ckpt_every: int = 2000
-    keep_checkpoints: int = 3  # the last K step checkpoints are kept
+    # logging, evaluation and checkpoints
+    out_dir: str = "runs/pretrain"  # run folder: config.json, metrics.jsonl, ckpt_<step>.pt, final.pt
+    log_every: int = 50  # optimiser steps between logged losses
+    eval_every: int = 2000  # optimiser steps between held-out evaluations (0: at the end only)
+    eval_pairs: int = 5000  # held-out pairs (Karpathy val captions) that MLM and ITM accuracy count
+    ckpt_every: int = 2000  # optimiser steps between step checkpoints (the last step is always saved)
+    keep_checkpoints: int = 3  # step checkpoints kept, the newest
     resume: bool = False  # continue exactly from the newest complete checkpoint in --out-dir
-    seed: int = 0
 
 
-# The built-in demo: the tiny model on the rendered shapes corpus, sized for a laptop CPU. As the paper's
-# CNN comes ImageNet-trained, the demo's first learns to classify single objects (pretrain_cnn.py, ~35 s):
-# from scratch, MLM and ITM taught it colour but never shape (held-out ITM 82%, masked shape words at chance).
-# The trained CNN then moves gently, AdamW at a tenth of the Transformer's lr: at the same lr (1e-3) the
-# first steps erased what it knew (its own pictures' shapes at chance after 1,000 steps) and the run fell
-# back to colour alone; the paper's SGD at 1e-2 kept 72% of them, AdamW at 1e-4 all (measured at 600 steps).
-# Eight captions share each CNN pass: the CNN is most of the tiny model's compute, and an image seen with
-# matched and mismatched captions in one batch teaches ITM much faster (measured: 82% vs 78% held-out ITM).
-# Learned pixel positions (not in the paper) help "left of" / "above": 78% vs 74% ITM after 16 epochs;
-# so does every stride-32 cell as a token (--pixel-pool 1: 24 instead of 6 tokens of a 128x192 image,
-# objects being about one cell): VQA 91.1 vs 89.8, masked relation words 55% vs 45%, for ~30% more time.
+# The built-in demo: the tiny model on the rendered shapes corpus, sized for a laptop CPU (docs/demo.md
+# has the measurements behind each choice). As the paper's CNN comes ImageNet-trained, the demo's first
+# learns to classify single objects (tools/pretrain_cnn.py): taught by MLM and ITM alone it learned colour
+# but never shape. The trained CNN then moves gently, AdamW at a tenth of the Transformer's lr: at the same
+# lr the first steps erased what it knew and the run fell back to colour alone. Eight captions share each
+# CNN pass: the CNN is most of the tiny model's compute, and an image seen with matched and mismatched
+# captions in one batch teaches ITM faster. Learned pixel positions (not in the paper) and every stride-32
+# cell as a token (--pixel-pool 1; the objects are about one cell) help with "left of" and "above".
 PRESETS = {"demo": dict(model="tiny", cnn_pretrain_epochs=5, image_min_size=128, image_max_size=192, batch_size=256,
                         global_batch=256, captions_per_image=8, epochs=32, lr_milestones="27", lr=1e-3, cnn_lr=1e-4,
                         cnn_optimizer="adamw", warmup_steps=50, dropout=0.0, pixel_pool=1, visual_position=True,
@@ -108,13 +118,16 @@ EVAL_EPOCH = 1_000_000  # the (fixed) epoch number that seeds held-out masking a
 
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv)
+    common.check_config(cfg)
+    if not set(cfg.tasks.split(",")) <= {"mlm", "itm"}:
+        raise common.refuse("tasks", cfg.tasks, "choose mlm,itm, mlm or itm")
     ddp = common.setup_distributed(cfg.device)
     cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
     common.print0(f"config: {asdict(cfg)}")
     dataset = "coco_vg" if cfg.data == "demo" else cfg.data  # the demo corpus is written in these formats
     accum, images_per_batch = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size,
                                                 cfg.captions_per_image, "--captions-per-image")
-    checkpoint.prepare_out_dir(cfg.out_dir, cfg.resume)
+    checkpoint.prepare_out_dir(cfg, ddp)
 
     # ---- data. Rank 0 renders the demo corpus and builds the cached caption indexes while the
     # other processes wait at the barrier; then they read what rank 0 wrote.
@@ -133,12 +146,11 @@ def main(argv=None):
     init_state, tokenizer = checkpoint.init_and_tokenizer(cfg)
     train_index = data.caption_index(dataset, cfg.data_root, "train", tokenizer, skip_bad_images=cfg.skip_bad_images)
     val_index = data.caption_index(dataset, cfg.data_root, "val", tokenizer)
+    data.check_images([val_index.image_path(i) for i in range(len(val_index.image_paths))], "held-out")
     if ddp.world_size > 1 and ddp.is_main:
         torch.distributed.barrier()
 
     tasks = set(cfg.tasks.split(","))
-    if not tasks or not tasks <= {"mlm", "itm"}:
-        raise SystemExit(f"--tasks {cfg.tasks}: choose mlm, itm or mlm,itm")
 
     def pairs(index, captions_per_image, skip_bad_images=False):
         return data.PretrainPairs(index, tokenizer, cfg.image_min_size, cfg.image_max_size, cfg.seed,
@@ -200,7 +212,7 @@ def main(argv=None):
         counts = torch.zeros(4, device=ddp.device)  # mlm correct, itm correct, itm positives, pairs
         label_hist = torch.zeros(tokenizer.vocab_size, device=ddp.device)
         for batch in eval_loader:
-            batch = common.batch_to_device(batch, ddp.device, cfg.channels_last)
+            batch = common.batch_to_device(batch, ddp.device, cfg.channels_last, raw_model.config)
             with common.autocast(ddp.device, cfg.dtype):
                 pixels = raw_model.encode_image(batch["images"], batch["image_mask"])  # one CNN pass, two texts
                 hidden, _ = raw_model(batch["mlm_ids"], batch["text_mask"], pixels=pixels)
@@ -235,7 +247,7 @@ def main(argv=None):
         for _ in range(first, steps_per_epoch):
             # ---- one optimiser step: `accum` micro-batches on each process make the global batch
             checkpoint.seed_step(cfg.seed, ddp.rank, step)
-            micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last)
+            micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last, raw_model.config)
                      for _ in range(accum)]
             for b in micro:
                 bad_images.note(b)
@@ -310,4 +322,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)  # one line per error, never a stack; exit 2 for a flag, 1 for data (docs/reliability.md)

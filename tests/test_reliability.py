@@ -217,7 +217,7 @@ def test_two_nodes_preempted_then_resumed(corpus, tmp_path):
 # ---- 3. crash-safe checkpoints
 
 SAVER = """
-import sys, torch, common
+import sys, torch, checkpoint
 state = {"model": {"w": torch.randn(4_000_000)}, "step": 0}
 for step in range(1, 10_000):
     state["step"] = step

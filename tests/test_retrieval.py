@@ -170,8 +170,8 @@ def test_cached_batched_scoring_equals_each_pair_alone(corpus, tokenizer):
 def test_two_processes_match_one(corpus, tokenizer, tmp_path):
     ckpt = str(tmp_path / "model.pt")
     save_retrieval_checkpoint(tiny_model(tokenizer.vocab_size), tokenizer, ckpt)
-    args = ["retrieval", f"--checkpoint={ckpt}", f"--data-root={corpus}", "--dataset=flickr30k", "--split=val",
-            "--dtype=fp32", "--num-workers=0", "--batch-size=8"]  # 5 images: the processes get 3 and 2
+    args = ["retrieval", f"--checkpoint={ckpt}", f"--data-root={corpus}", "--data=flickr30k", "--split=val",
+            "--dtype=fp32", "--num-workers=0", "--score-batch=8"]  # 5 images: the processes get 3 and 2
     one = evaluate.main([*args, f"--save-scores={tmp_path / 'one.pt'}", f"--out={tmp_path / 'one.json'}"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -222,7 +222,7 @@ def test_hard_negative_gradient_reaches_exactly_the_hardest():
 
 def finetune_args(corpus, out, **overrides):
     args = dict(data_root=corpus, out_dir=out, init="", model="tiny", image_min_size=64, image_max_size=96, batch_size=8,
-                global_batch=8, negatives=20, epochs=1, num_workers=0, dtype="fp32", dropout=0.0, eval_pairs=128,
+                global_batch=8, negatives=20, epochs=1, num_workers=0, dtype="fp32", dropout=0.0, score_batch=128,
                 log_every=1, warmup_steps=0, seed=0)
     args.update(overrides)
     return [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
@@ -247,7 +247,7 @@ def test_cnn_is_frozen_and_rank_head_starts_from_itm(corpus, tokenizer, tmp_path
     assert torch.allclose(best["model"]["rank_head.weight"], itm[1:] - itm[:1], atol=5e-3)
     # evaluate.py on the saved best checkpoint reproduces the script's own test figures
     again = evaluate.main(["retrieval", f"--checkpoint={os.path.join(out, 'best.pt')}", f"--data-root={corpus}",
-                           "--dataset=flickr30k", "--dtype=fp32", "--num-workers=0", "--batch-size=16"])
+                           "--data=flickr30k", "--dtype=fp32", "--num-workers=0", "--score-batch=16"])
     assert {k: again[k] for k in test if k != "rsum"} == pytest.approx({k: test[k] for k in test if k != "rsum"},
                                                                        abs=0.01)
     assert os.path.exists(os.path.join(out, "retrieval_flickr30k_test.json"))
@@ -302,11 +302,11 @@ def test_bad_input_is_named(corpus, tokenizer, tmp_path):
         data.retrieval_entries(str(root), "flickr30k", "test")
     with pytest.raises(SystemExit, match="none.pt: checkpoint not found"):
         evaluate.main(["retrieval", "--checkpoint", str(tmp_path / "none.pt"), "--data-root", str(root),
-                       "--dataset", "coco"])
+                       "--data", "coco"])
     vqa_like = str(tmp_path / "vqa.pt")
     checkpoint.save_checkpoint({"model": {"vqa_head.0.weight": torch.zeros(1)}, "task": "vqa"}, vqa_like)
     with pytest.raises(SystemExit, match="neither a retrieval nor a pre-training checkpoint"):
-        evaluate.main(["retrieval", "--checkpoint", vqa_like, "--data-root", corpus, "--dataset", "flickr30k"])
+        evaluate.main(["retrieval", "--checkpoint", vqa_like, "--data-root", corpus, "--data", "flickr30k"])
     with pytest.raises(SystemExit, match="--hard-negatives 6 must be in 1..--negatives"):
         finetune_retrieval.main(finetune_args(corpus, str(tmp_path / "x"), negatives=5, hard_negatives=6))
     captions = data.RetrievalCaptions(data.retrieval_entries(corpus, "flickr30k", "val"), tokenizer)

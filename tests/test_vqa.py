@@ -1,18 +1,23 @@
 """VQA v2: the official files read per split, the answer vocabulary and soft targets, the label
 map's round trip through checkpoints, the submission file, and a short fine-tuning run."""
 
+import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import checkpoint
+import common
 import data
 import evaluate
 import finetune_vqa
 import pretrain
+from model import PixelBert, PixelBertConfig
 from tools import synthetic
 
 
@@ -183,3 +188,62 @@ def test_vqa_score_cli_reports_missing_questions(corpus, tmp_path):
     with pytest.raises(SystemExit, match="1 missing"):
         evaluate.main(["vqa-score", f"--predictions={preds}", f"--questions={questions}",
                        f"--annotations={annotations}"])
+
+
+def tiny_vqa_checkpoint(corpus, path):
+    """A randomly initialised tiny VQA model saved as finetune_vqa.py saves best.pt."""
+    torch.manual_seed(0)
+    tokenizer = data.Tokenizer(os.path.join(corpus, "vocab.txt"))
+    answers = data.vqa_answer_vocab(data.read_vqa(corpus, "train")[1], min_count=1)
+    model = PixelBert(PixelBertConfig.tiny(vocab_size=tokenizer.vocab_size, heads=("vqa",), num_answers=len(answers)))
+    config = dict(minival_images=100, image_min_size=96, image_max_size=160, max_text_len=40)
+    checkpoint.save_weights({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                             "vocab": tokenizer.vocab_tokens(), "answers": answers, "config": config, "task": "vqa"},
+                            path)
+    return model.eval(), tokenizer, answers
+
+
+def test_each_held_out_image_is_encoded_as_if_alone(corpus, tmp_path):
+    """Padded to a larger neighbour, an image's CNN features change along its border: the
+    held-out predictions encode each image at its own padded size, so a batch gives what each
+    image gives alone, and the VQA predictions do not depend on the batch size."""
+    model, tokenizer, answers = tiny_vqa_checkpoint(corpus, str(tmp_path / "best.pt"))
+    questions, annotations = data.read_vqa(corpus, "val")
+    dataset = data.VQAQuestions(corpus, questions, annotations, tokenizer, {a: i for i, a in enumerate(answers)},
+                                96, 160, questions_per_image=0)
+    ddp = common.Dist(0, 0, 1, torch.device("cpu"))
+    batch = common.batch_to_device(next(iter(evaluate.vqa_eval_loader(dataset, 8, ddp, 0))), ddp.device, False)
+    alone = [common.batch_to_device(b, ddp.device, False) for b, _ in zip(evaluate.vqa_eval_loader(dataset, 1, ddp, 0),
+                                                                       range(8))]  # the same 8 images, one by one
+    with torch.no_grad():
+        tokens, pixel_mask = evaluate.encode_each_alone(model, batch["images"], batch["image_mask"])
+        together, _ = model.encode_image(batch["images"], batch["image_mask"])
+        differs = 0
+        for i, one in enumerate(alone):
+            alone_tokens, alone_mask = model.encode_image(one["images"], one["image_mask"])
+            torch.testing.assert_close(tokens[i][pixel_mask[i]], alone_tokens[0][alone_mask[0]], atol=1e-4, rtol=1e-5)
+            differs += (together[i][pixel_mask[i]] - alone_tokens[0][alone_mask[0]]).abs().max().item() > 1e-2
+    assert differs > 0  # the batch holds images of several sizes, which encoding it whole would change
+    predict = {size: evaluate.predict_vqa(model, evaluate.vqa_eval_loader(dataset, size, ddp, 0), answers, ddp,
+                                          "fp32", channels_last=False) for size in (1, 8)}
+    assert sorted(predict[1], key=lambda p: p["question_id"]) == sorted(predict[8], key=lambda p: p["question_id"])
+
+
+@pytest.mark.slow
+def test_submission_is_the_same_for_one_and_two_processes(corpus, tmp_path):
+    """evaluate.py vqa --split test-dev: the same submission from one process with batches of 8
+    images, one with batches of 1, and two processes under torchrun (gloo)."""
+    path = str(tmp_path / "best.pt")
+    tiny_vqa_checkpoint(corpus, path)
+    outs = {}
+    for name, batch_size in (("one_b8", 8), ("one_b1", 1)):
+        outs[name] = str(tmp_path / f"{name}.json")
+        evaluate.main(["vqa", f"--checkpoint={path}", f"--data-root={corpus}", "--split=test-dev",
+                       f"--batch-size={batch_size}", f"--out={outs[name]}", "--num-workers=0", "--dtype=fp32"])
+    outs["two_b8"] = str(tmp_path / "two_b8.json")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "evaluate.py", "vqa", f"--checkpoint={path}", f"--data-root={corpus}", "--split=test-dev",
+                    "--batch-size=8", f"--out={outs['two_b8']}", "--num-workers=0", "--dtype=fp32",
+                    "--device=cpu"], check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    submissions = {name: json.load(open(out)) for name, out in outs.items()}
+    assert len(submissions["one_b8"]) == 50 and submissions["one_b8"] == submissions["one_b1"] == submissions["two_b8"]

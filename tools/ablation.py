@@ -81,7 +81,7 @@ def plan(variants, seeds, tasks, data_root, out_dir, smoke=False):
     for variant in variants:
         folder, flags = os.path.join(out_dir, variant), VARIANTS[variant][1]
         init = os.path.join(folder, "pretrain", "final.pt") if flags is not None else ""
-        if init:  # the demo pre-training recipe (CNN stage + 32 epochs, ~9 min on 2 CPU cores), the variant's flags
+        if init:  # the demo pre-training recipe (CNN stage + 32 epochs), the variant's flags
             steps.append((f"{variant}/pretrain", "pretrain.py", pretrain.main,
                           flags + [f"--out-dir={os.path.dirname(init)}"] + data + extra["pretrain"]))
             start = [f"--init={init}"]

@@ -2,15 +2,13 @@
 The CNN's own pre-training, image classification: the demo's stand-in for the ImageNet weights that
 Pixel-BERT's CNN starts from (paper 4.1: ResNet-50 and ResNeXt-152 pre-trained on ImageNet).
 
-    python3 tools/pretrain_cnn.py     # demo: the tiny ResNet learns data/demo/imagenet's 18 classes, ~30 s on 2 CPU cores
+    python3 tools/pretrain_cnn.py     # demo: the tiny ResNet learns data/demo/imagenet's 18 classes
 
 Why the demo needs it. The paper's CNN arrives knowing edges, corners and shapes, and MLM and ITM
 only have to tie them to words. Taught by captions alone, the demo's CNN learned colour and never
-shape: after the full demo pre-training, masked shape words were predicted at chance (33% of 805
-held-out ones) and ITM accepted "a red square" wherever anything was red (ITM accuracy 82%).
-Started from this classifier, the demo pre-training predicts them at 95% and reaches ITM 93%
-(README: What the demo shows). `python pretrain.py` runs it first (--cnn-pretrain-epochs); on real data, pass torchvision's
-ImageNet weights with --cnn instead (README: Weights).
+shape: masked shape words stayed at chance and ITM accepted "a red square" wherever anything was
+red (docs/demo.md has the figures). `python3 pretrain.py` runs this stage first
+(--cnn-pretrain-epochs); on real data, pass torchvision's ImageNet weights with --cnn instead.
 
 Reads <data-root>/imagenet/{train,val}/<class>/<image> (ImageNet's folder layout, numbered as
 torchvision's ImageFolder numbers it) and writes a torchvision-format state dict: the backbone's
@@ -21,6 +19,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,26 +35,34 @@ from model import ResNet
 
 @dataclass
 class Config:
-    """Classification pre-training of a Pixel-BERT preset's CNN (global average pool + fc)."""
+    """Classification pre-training of a Pixel-BERT preset's CNN (global average pool + fc), the
+    demo's stand-in for ImageNet weights."""
+    # data
     data_root: str = "data/demo"  # holds imagenet/train/<class>/ and imagenet/val/<class>/
-    model: str = "tiny"  # the Pixel-BERT preset whose CNN is trained: tiny | r50 | x152
-    out: str = "runs/demo_cnn/resnet.pth"
-    epochs: float = 5
-    batch_size: int = 64
-    lr: float = 1e-3  # AdamW, decayed linearly to 0 over the run
-    weight_decay: float = 5e-4
-    image_size: int = 112  # shorter side resized to this, then the centre square
-    dtype: str = "auto"  # auto (bf16 where the hardware has it; else fp32 on CPUs, fp16 on GPUs), bf16, fp16, fp32
-    device: str = ""  # default: cuda if available, else cpu
-    channels_last: bool = True
-    num_workers: int = 1
+    image_size: int = 112  # pixels: the shorter side is resized to this, then the centre square is cut
+    num_workers: int = 1  # DataLoader processes (0: load in the training process)
     skip_bad_images: bool = False  # report, count and skip unreadable images instead of stopping
-    log_every: int = 50
-    seed: int = 0
+    # model
+    model: Literal["tiny", "r50", "x152"] = "tiny"  # the Pixel-BERT preset whose CNN is trained
+    # optimisation
+    epochs: float = 5  # passes over the training images
+    batch_size: int = 64  # images per step
+    lr: float = 1e-3  # AdamW's learning rate, decayed linearly to 0 over the run
+    weight_decay: float = 5e-4  # AdamW's weight decay
+    seed: int = 0  # seeds the initialisation and the data order
+    # precision and device
+    dtype: Literal[common.DTYPES] = "auto"  # auto: bf16 where the device has it natively, else fp32 on a CPU
+    #  and fp16 on a GPU
+    device: str = ""  # cpu, cuda, cuda:1...; none: cuda if there is a GPU, else cpu
+    channels_last: bool = True  # NHWC convolutions (faster with bf16 on GPUs and AMX CPUs)
+    # output and logging
+    out: str = "runs/demo_cnn/resnet.pth"  # the trained CNN, a torchvision-format state dict (for --cnn)
+    log_every: int = 50  # steps between logged losses
 
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv=argv)
+    common.check_config(cfg)
     device = common.default_device(cfg.device)
     cfg.dtype = common.resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
@@ -136,4 +143,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)  # one line per error, never a stack; exit 2 for a flag, 1 for data (docs/reliability.md)

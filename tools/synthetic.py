@@ -1,7 +1,7 @@
 """
 The built-in demo corpus: pictures of coloured circles, squares and triangles with captions, region
 phrases, questions and statements, written in the official file formats and folder layout of COCO,
-Visual Genome, VQA v2, Flickr30K and NLVR2 (PAPER.md section 5), so that the demo runs through
+Visual Genome, VQA v2, Flickr30K and NLVR2, so that the demo runs through
 exactly the loaders in data.py that read the real datasets; and, in ImageNet's folder layout,
 pictures of single objects on which the demo's CNN first learns to see (pretrain_cnn.py).
 
@@ -593,11 +593,20 @@ def ensure_demo_corpus(root="data/demo", seed=None, scale=None):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write the synthetic demo corpus in the official dataset formats.")
-    parser.add_argument("--out", default="data/demo", help="output folder (an older demo corpus there is replaced)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every image and record count")
-    args = parser.parse_args()
-    t0 = time.time()
-    write_demo_corpus(args.out, args.seed, args.scale)
-    print(f"wrote {args.out} in {time.time() - t0:.1f}s")
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common.py sits one folder up
+    import common
+
+    def main(argv=None):
+        parser = argparse.ArgumentParser(description="Write the synthetic demo corpus in the official dataset formats.")
+        parser.add_argument("--out", default="data/demo", help="output folder (an older demo corpus there is replaced)")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--scale", type=float, default=1.0, help="multiplies every image and record count")
+        args = parser.parse_args(argv)
+        if not args.scale > 0:
+            raise SystemExit(f"--scale {args.scale}: must be above 0")
+        t0 = time.time()
+        write_demo_corpus(args.out, args.seed, args.scale)
+        print(f"wrote {args.out} in {time.time() - t0:.1f}s")
+
+    common.run(main)  # one line per error (an --out that holds other files), never a stack
