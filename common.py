@@ -425,7 +425,8 @@ def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
         scratch = dict(norm="batch") if getattr(cfg, "from_scratch", False) and not cfg.cnn else {}
         model = PixelBert(model_preset(cfg.model, vocab_size=vocab_size, dropout=cfg.dropout, heads=heads,
                                        num_answers=num_answers, pixel_pool=cfg.pixel_pool,
-                                       visual_layernorm=cfg.visual_layernorm, visual_position=cfg.visual_position,
+                                       pixel_proj_first=cfg.pixel_proj_first, visual_layernorm=cfg.visual_layernorm,
+                                       visual_position=cfg.visual_position,
                                        **scratch))
         if cfg.bert:
             print0(load_bert(model, cfg.bert))

@@ -17,6 +17,7 @@ References:
    torchvision/models/resnet.py (the "V1.5" bottleneck: stride on the 3x3 conv).
 """
 
+import importlib.util
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -608,9 +609,7 @@ def read_state_dict(path, extras=None):
         if not names:
             raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
         if len(names) == 2:
-            try:
-                import safetensors.torch  # noqa: F401  (imported lazily: this file needs only torch)
-            except ImportError:
+            if importlib.util.find_spec("safetensors") is None:
                 print(f"{path}: the safetensors package is not installed; reading pytorch_model.bin instead")
                 names = names[1:]
         return read_state_dict(os.path.join(path, names[0]), extras)
