@@ -17,7 +17,6 @@ References:
    torchvision/models/resnet.py (the "V1.5" bottleneck: stride on the 3x3 conv).
 """
 
-import importlib.util
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -609,7 +608,8 @@ def read_state_dict(path, extras=None):
         if not names:
             raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
         if len(names) == 2:
-            if importlib.util.find_spec("safetensors") is None:
+            from importlib.util import find_spec  # lazily, as safetensors itself: this file needs only torch
+            if find_spec("safetensors") is None:
                 print(f"{path}: the safetensors package is not installed; reading pytorch_model.bin instead")
                 names = names[1:]
         return read_state_dict(os.path.join(path, names[0]), extras)
