@@ -393,7 +393,7 @@ def optimizer_step(model, raw, micro_batches, loss_fn, optimizers, scaler, out_d
     for opt in filter(None, optimizers):
         scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), 10.0)
-    checkpoint.stop_if_diverged(0, out_dir, totals, grad_norm, scaler)
+    checkpoint.check_step(0, out_dir, totals, grad_norm, scaler)
     for opt in filter(None, optimizers):
         scaler.step(opt)
     scaler.update()

@@ -338,11 +338,13 @@ RUN_FILES = ("config.json", "metrics.jsonl", "final.pt", "best.pt", "ans2label.j
 # Flags that say how to run, not what to train: a resumed run may change them (more steps or
 # epochs, other hardware, precision or workers, the data or the run folder moved elsewhere; the
 # weights to start from are the checkpoint's, so --init / --cnn / --bert no longer matter; --cnn-lr
-# may unfreeze a CNN that was fixed so far: resume() gives it a fresh optimiser). Every other flag
-# must be the one the run was started with.
+# may unfreeze a CNN that was fixed so far: resume() gives it a fresh optimiser; --fold-batchnorm
+# computes the same function from the same state dict; --cache-dir only moves the caption index).
+# Every other flag must be the one the run was started with.
 RESUME_MAY_CHANGE = ("resume", "out_dir", "max_steps", "epochs", "num_workers", "device", "dtype", "compile",
                      "channels_last", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "batch_size",
-                     "skip_bad_images", "data_root", "init", "cnn", "bert", "cnn_pretrain_epochs", "cnn_lr")
+                     "skip_bad_images", "data_root", "init", "cnn", "bert", "cnn_pretrain_epochs", "cnn_lr",
+                     "fold_batchnorm", "cache_dir")
 
 
 def lock_owner():
@@ -497,21 +499,29 @@ def seed_step(seed, rank, step):
 MIN_LOSS_SCALE = 1.0
 
 
-def stop_if_diverged(step, out_dir, losses, grad_norm, scaler):
-    """Called between clipping and the optimiser step, identically on every rank (losses and
-    gradients are all-reduced): a non-finite loss, a non-finite gradient norm without fp16's
-    scaler (nothing else would skip the update: it would write NaN into every weight), or an fp16
-    loss scale that collapsed because every step overflows stops the run before the update,
-    naming the last good checkpoint."""
-    if not torch.isfinite(losses).all():
+def check_step(step, out_dir, losses, grad_norm, scaler, preemption=None):
+    """The step's one wait for the device, between clipping and the optimiser step: whether a
+    stop signal reached any rank (all-reduced, so every rank stops after the same step), and
+    whether the step diverged, read back in one transfer. The losses and gradients are
+    all-reduced, so every rank decides alike. A non-finite loss, a non-finite gradient norm
+    without fp16's scaler (nothing else would skip the update: it would write NaN into every
+    weight), or an fp16 loss scale that collapsed because every step overflows stops the run
+    before the update, naming the last good checkpoint. Returns (stop after this step, whether
+    fp16's scaler will skip this update)."""
+    signalled = torch.tensor(float(preemption is not None and preemption.signal is not None), device=losses.device)
+    signalled = all_reduce_sum(signalled)
+    stop, finite_loss, finite_grad = torch.stack([signalled > 0, torch.isfinite(losses).all(),
+                                                  torch.isfinite(grad_norm)]).tolist()
+    if not finite_loss:
         raise SystemExit(f"step {step + 1}: the loss is {losses.tolist()}; stopping. {last_good(out_dir)}")
-    if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+    if not scaler.is_enabled() and not finite_grad:
         raise SystemExit(f"step {step + 1}: the gradient norm is {grad_norm.item()}; stopping before the update. "
                          f"{last_good(out_dir)}")
-    if scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:
+    if scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:  # fp16 only: its scaler waits anyway
         raise SystemExit(f"step {step + 1}: fp16 loss scale {scaler.get_scale():.2g}: the gradients overflow at "
                          f"every step, so every step is skipped; stopping (use --dtype bf16 or a lower lr). "
                          f"{last_good(out_dir)}")
+    return stop, not finite_grad
 
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun with --resume
@@ -519,8 +529,8 @@ EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after a checkp
 
 class Preemption:
     """SIGTERM (sent by SLURM, Kubernetes, cloud schedulers, torchrun when it is stopped) and
-    SIGUSR1 (SLURM's --signal) only set a flag: the step in flight completes, then the loop
-    asks requested(), which every rank answers alike, so all of them stop after the same step."""
+    SIGUSR1 (SLURM's --signal) only set a flag: the step in flight completes; check_step reads
+    the flags of every rank, so all of them stop after the same step."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.signal = None
@@ -534,11 +544,6 @@ class Preemption:
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
-
-    def requested(self, device):
-        """True on every rank if any rank received a signal (an all-reduce of the flags)."""
-        flag = torch.tensor(float(self.signal is not None), device=device)
-        return all_reduce_sum(flag).item() > 0
 
     def exit(self, out_dir, step):
         """After rank 0 wrote the step's checkpoint: wait for it on every rank, then exit with

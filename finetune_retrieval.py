@@ -31,7 +31,7 @@ import common
 import data
 from evaluate import retrieval_scores
 from metrics import retrieval_recall
-from model import hard_negative_loss, make_optimizers, rank_scores
+from model import fold_frozen_batchnorm, hard_negative_loss, make_optimizers, rank_scores
 
 
 @dataclass
@@ -53,8 +53,9 @@ class Config:
     # model: a pre-training checkpoint (--init), or the --model architecture with --bert and --cnn weights
     init: str = ""  # the Pixel-BERT checkpoint to fine-tune (pretrain.py's final.pt; its ITM head starts the
     #  ranking head)
-    model: Literal["tiny", "r50", "x152"] = "r50"  # tiny: the demo's | r50: ResNet-50 + BERT-base |
-    #  x152: ResNeXt-152 32x8d + BERT-base. With --init, the checkpoint's architecture
+    model: Literal["tiny", "r50", "x152", "x152_32x4d"] = "r50"  # tiny: the demo's | r50: ResNet-50 + BERT-base |
+    #  x152: ResNeXt-152 32x8d + BERT-base | x152_32x4d: ResNeXt-152 32x4d (half the group width) + BERT-base;
+    #  the paper does not say which X152 it used. With --init, the checkpoint's architecture
     bert: str = ""  # without --init: a Hugging Face BERT folder or weights file for the Transformer
     cnn: str = ""  # without --init: a torchvision ResNet .pth (or a converted ResNeXt) for the CNN
     from_scratch: bool = False  # allow r50 / x152 on real data without --init, --bert or --cnn (random weights)
@@ -72,7 +73,10 @@ class Config:
     #  (at most --negatives; equal: a softmax over all)
     # optimisation: 512 images a step; Flickr30K 10 epochs, lr / 10 at epoch 6 (COCO: 4 and 2)
     batch_size: int = 8  # images per process and micro-step, each with its caption and --negatives others
-    global_batch: int = 512  # images per optimiser step, all processes and micro-steps together (paper: 8 x 64)
+    #  (the unit is an image with its 1 + --negatives captions, not a pair)
+    global_batch: int = 512  # images per optimiser step, all processes and micro-steps together, each with 1 +
+    #  --negatives captions: the paper's "8 GPUs x 64" read as 64 images per GPU (read as 64 pairs, 512 pairs
+    #  would be about 24 images: --global-batch 24; docs/model.md)
     epochs: float = 10  # passes over the ground-truth captions
     max_steps: int = 0  # optimiser steps at most (0: as many as --epochs make)
     lr_milestones: str = "6"  # epochs at which the learning rate is divided by 10, comma-separated
@@ -88,6 +92,9 @@ class Config:
     device: str = ""  # cpu, cuda, cuda:1...; none: cuda if there is a GPU, else cpu
     compile: bool = False  # torch.compile the model
     channels_last: bool = True  # NHWC convolutions in the CNN (faster with bf16 on GPUs and AMX CPUs)
+    fold_batchnorm: bool = False  # apply the CNN's fixed BatchNorm inside its convolutions (same weights,
+    #  checkpoints and gradients, fewer passes over the activations: a speed option for r50 / x152 on GPUs);
+    #  only for BatchNorm with fixed statistics (not the tiny model's)
     # evaluation, logging and checkpoints
     eval_images: int = 1000  # validation images scored after each epoch against all their split's captions
     score_batch: int = 1024  # (image, caption) pairs per Transformer batch when scoring
@@ -150,6 +157,8 @@ def main(argv=None):
     has_itm = "itm_head.weight" in init_state.get("model", {})
     raw_model = common.build_model(cfg, ("itm", "rank") if has_itm else ("rank",), tokenizer.vocab_size,
                                    init_state=init_state).to(ddp.device)
+    if cfg.fold_batchnorm:  # check_config made sure the CNN's BatchNorm is the fixed kind
+        fold_frozen_batchnorm(raw_model)
     if has_itm and "rank_head.weight" not in init_state["model"]:
         raw_model.init_rank_head_from_itm()
     if has_itm:
@@ -231,7 +240,7 @@ def main(argv=None):
                     # collate puts an image's 1 + negatives captions in consecutive rows, ground truth first
                     candidates = torch.arange(len(batch["input_ids"]), device=ddp.device).view(-1, 1 + cfg.negatives)
                     # per image of the global batch (fewer than --global-batch when --skip-bad-images dropped some)
-                    loss = hard_negative_loss(score, candidates, cfg.hard_negatives)[None] / num_images
+                    loss = hard_negative_loss(score, candidates, cfg.hard_negatives, raw_model)[None] / num_images
                     # DDP averages gradients over processes; the loss is a global mean already
                     scaler.scale(loss.sum() * ddp.world_size).backward()
                 totals += loss.detach()
@@ -239,15 +248,14 @@ def main(argv=None):
             for opt in optimizers:
                 scaler.unscale_(opt)  # fp16: clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip or float("inf"))
-            checkpoint.stop_if_diverged(step, cfg.out_dir, totals, grad_norm, scaler)
+            stop, skipped = checkpoint.check_step(step, cfg.out_dir, totals, grad_norm, scaler, preemption)
             for opt in optimizers:
                 scaler.step(opt)  # fp16: skipped when a gradient overflowed
             scaler.update()
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             step += 1
-            skipped_steps += not torch.isfinite(grad_norm).item()  # fp16: the scaler skipped an overflowing step
-            stop = preemption.requested(ddp.device)  # every rank stops after the same step
+            skipped_steps += skipped  # fp16: the scaler skipped an overflowing step
             bar.update()
             if step % cfg.log_every == 0 or step == total_steps:
                 rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)

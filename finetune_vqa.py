@@ -27,8 +27,8 @@ import checkpoint
 import common
 import data
 from evaluate import predict_vqa, vqa_eval_loader
-from metrics import VQA_RULES, vqa_score
-from model import make_optimizers, vqa_loss
+from metrics import VQA_RULES, check_predictions, vqa_score
+from model import fold_frozen_batchnorm, make_optimizers, vqa_loss
 
 
 @dataclass
@@ -41,9 +41,12 @@ class Config:
     data_root: str = "data/demo"  # folder of the official files (README: Real data) or of the demo corpus
     vocab: str = ""  # WordPiece vocab.txt; none: the --init checkpoint's, else the --bert folder's, else
     #  <data-root>/vocab.txt
-    train_split: Literal["train", "trainval"] = "trainval"  # train | trainval: train + val minus minival (the
-    #  setting for the test server)
-    eval_split: Literal["val", "minival"] = "minival"  # held-out questions for model selection: val | minival
+    train_split: Literal["train", "trainval", "trainval_all"] = "trainval"  # train | trainval: train + val minus
+    #  minival (the run whose best epoch fixes the final run's schedule) | trainval_all: all of train + val (the
+    #  final run, with --eval-split none)
+    eval_split: Literal["val", "minival", "none"] = "minival"  # held-out questions scored after each epoch, which
+    #  choose best.pt: val | minival | none: the final run, no held-out selection: the last step's weights go to
+    #  final.pt, and its answers to every test2015 question to the test-dev and test submission files beside it
     minival_images: int = 5000  # val2014 images (with all their questions) held out of val as minival
     min_answer_count: int = 9  # answers (normalised) given at least this often in train + val make the answer
     #  vocabulary (3,129 answers on VQA v2 at 9)
@@ -57,8 +60,9 @@ class Config:
     skip_bad_images: bool = False  # report, count and skip unreadable training images instead of stopping
     # model: a pre-training checkpoint (--init), or the --model architecture with --bert and --cnn weights
     init: str = ""  # the Pixel-BERT checkpoint to fine-tune (pretrain.py's final.pt)
-    model: Literal["tiny", "r50", "x152"] = "r50"  # tiny: the demo's | r50: ResNet-50 + BERT-base |
-    #  x152: ResNeXt-152 32x8d + BERT-base. With --init, the checkpoint's architecture
+    model: Literal["tiny", "r50", "x152", "x152_32x4d"] = "r50"  # tiny: the demo's | r50: ResNet-50 + BERT-base |
+    #  x152: ResNeXt-152 32x8d + BERT-base | x152_32x4d: ResNeXt-152 32x4d (half the group width) + BERT-base;
+    #  the paper does not say which X152 it used. With --init, the checkpoint's architecture
     bert: str = ""  # without --init: a Hugging Face BERT folder or weights file for the Transformer
     cnn: str = ""  # without --init: a torchvision ResNet .pth (or a converted ResNeXt) for the CNN
     from_scratch: bool = False  # allow r50 / x152 on real data without --init, --bert or --cnn (random weights)
@@ -92,8 +96,12 @@ class Config:
     device: str = ""  # cpu, cuda, cuda:1...; none: cuda if there is a GPU, else cpu
     compile: bool = False  # torch.compile the model
     channels_last: bool = True  # NHWC convolutions in the CNN (faster with bf16 on GPUs and AMX CPUs)
+    fold_batchnorm: bool = False  # apply the CNN's fixed BatchNorm inside its convolutions (same weights,
+    #  checkpoints and gradients, fewer passes over the activations: a speed option for r50 / x152 on GPUs);
+    #  only for BatchNorm with fixed statistics (not the tiny model's)
     # logging and checkpoints
     out_dir: str = "runs/vqa"  # run folder: config.json, ans2label.json, metrics.jsonl, ckpt_<step>.pt, best.pt
+    #  (--eval-split none: final.pt, vqa_test-dev_submission.json, vqa_test_submission.json)
     log_every: int = 50  # optimiser steps between logged losses (held-out accuracy: after each epoch)
     ckpt_every: int = 2000  # optimiser steps between step checkpoints (the last step is always saved)
     keep_checkpoints: int = 3  # step checkpoints kept, the newest
@@ -116,6 +124,11 @@ def main(argv=None):
     common.check_config(cfg)
     if cfg.train_split == "trainval" and cfg.eval_split == "val":
         raise common.refuse("eval_split", "val", "--train-split trainval contains most of val: use minival")
+    if cfg.train_split == "trainval_all" and cfg.eval_split != "none":
+        raise common.refuse("eval_split", cfg.eval_split, "--train-split trainval_all trains on every val question: "
+                                                          "pass --eval-split none (the final run, its schedule "
+                                                          "chosen on a minival run)")
+    final = cfg.eval_split == "none"  # the final run: a fixed schedule, final.pt and the test submissions
     ddp = common.setup_distributed(cfg.device)
     cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
     common.print0(f"config: {asdict(cfg)}")
@@ -127,10 +140,21 @@ def main(argv=None):
     # ---- data: questions, the answer vocabulary (from train + val, as is standard), soft targets
     init_state, tokenizer = checkpoint.init_and_tokenizer(cfg)
     train_q, train_a = data.read_vqa(cfg.data_root, cfg.train_split, cfg.minival_images, cfg.skip_bad_images)
-    eval_q, eval_a = data.read_vqa(cfg.data_root, cfg.eval_split, cfg.minival_images)
-    # The vocabulary comes from all of train + val, whichever parts train and select.
-    covered = cfg.train_split == "trainval" or cfg.eval_split == "val"
-    vocab_a = train_a + (eval_a if covered else data.read_vqa(cfg.data_root, "val", cfg.minival_images)[1])
+    eval_q, eval_a = data.read_vqa(cfg.data_root, cfg.eval_split, cfg.minival_images) if not final else ([], [])
+    # The vocabulary comes from all of train + val, whichever parts train and select, so a final run
+    # has the answers of the minival run that chose its schedule. `rest`: the part of val not trained on.
+    rest = {"train": "val", "trainval": "minival", "trainval_all": None}[cfg.train_split]
+    vocab_a = train_a + (eval_a if cfg.eval_split == rest else
+                         data.read_vqa(cfg.data_root, rest, cfg.minival_images)[1] if rest else [])
+    # The final run answers every test2015 question at the end (the server wants all of them for test-dev
+    # too); read here, so that a missing test image stops the run before the training, not after it.
+    test_file = "vqa/v2_OpenEnded_mscoco_test2015_questions.json"
+    test_q = []
+    if final and os.path.exists(os.path.join(cfg.data_root, test_file)):
+        test_q, _ = data.read_vqa(cfg.data_root, "test")
+    elif final:
+        common.print0(f"{os.path.join(cfg.data_root, test_file)} not found: this final run writes final.pt but no "
+                      f"submission file (get {data.DOWNLOADS[test_file]})")
     answers = data.vqa_answer_vocab(vocab_a, cfg.min_answer_count)
     check_answer_vocab(answers, init_state.get("answers"), cfg.init)
     if cfg.resume and os.path.exists(os.path.join(cfg.out_dir, "ans2label.json")):
@@ -145,23 +169,31 @@ def main(argv=None):
                                  cfg.image_max_size, cfg.seed, per_image, skip_bad_images, cfg.vqa_rules)
 
     train_set = questions(train_q, train_a, cfg.questions_per_image, cfg.skip_bad_images)
-    eval_set = questions(eval_q, eval_a, 0)
-    data.check_images([os.path.join(cfg.data_root, str(p)) for p in eval_set.image_paths], cfg.eval_split)
+    eval_set = questions(eval_q, eval_a, 0) if not final else None
+    test_set = questions(test_q, [], 0) if test_q else None
+    for split, held in ((cfg.eval_split, eval_set), ("test2015", test_set)):
+        if held is not None:
+            data.check_images([os.path.join(cfg.data_root, str(p)) for p in held.image_paths], split)
     sampler = data.MicroBatchSampler(len(train_set), images_per_batch, ddp.world_size, ddp.rank, accum, cfg.seed,
                                      epoch_size=len(train_set) // cfg.questions_per_image)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=data.collate,
                                          num_workers=cfg.num_workers, pin_memory=ddp.device.type == "cuda",
                                          persistent_workers=cfg.num_workers > 0)
-    held_out = vqa_eval_loader(eval_set, images_per_batch, ddp, cfg.num_workers)
+    held_out = vqa_eval_loader(eval_set, images_per_batch, ddp, cfg.num_workers) if not final else None
+    test_loader = vqa_eval_loader(test_set, images_per_batch, ddp, cfg.num_workers) if test_set else None
     steps_per_epoch = sampler.steps_per_epoch
     total_steps, milestones = common.schedule(cfg.epochs, cfg.max_steps, cfg.lr_milestones, steps_per_epoch)
-    common.print0(f"data: {len(train_set):,} {cfg.train_split} questions, {len(eval_set):,} {cfg.eval_split} "
-                  f"questions, {len(answers):,} answers (seen >= {cfg.min_answer_count} times) | global batch "
-                  f"{cfg.global_batch} = {cfg.batch_size} per process x {accum} accumulation x {ddp.world_size} "
-                  f"processes | {steps_per_epoch} steps/epoch, {total_steps} steps, lr / 10 at steps {milestones}")
+    held = (f"{len(eval_set):,} {cfg.eval_split} questions" if not final else
+            f"no held-out questions, {len(test_q):,} test2015 questions to answer at the end")
+    common.print0(f"data: {len(train_set):,} {cfg.train_split} questions, {held}, {len(answers):,} answers (seen >= "
+                  f"{cfg.min_answer_count} times) | global batch {cfg.global_batch} = {cfg.batch_size} per process x "
+                  f"{accum} accumulation x {ddp.world_size} processes | {steps_per_epoch} steps/epoch, {total_steps} "
+                  f"steps, lr / 10 at steps {milestones}")
 
     # ---- model: the trunk from --init (or BERT + CNN weights), a new VQA head
     raw_model = common.build_model(cfg, ("vqa",), tokenizer.vocab_size, len(answers), init_state).to(ddp.device)
+    if cfg.fold_batchnorm:  # check_config made sure the CNN's BatchNorm is the fixed kind
+        fold_frozen_batchnorm(raw_model)
     if cfg.channels_last:
         raw_model.cnn.to(memory_format=torch.channels_last)
     optimizers = make_optimizers(raw_model, cfg.cnn_lr, cfg.cnn_momentum, cfg.cnn_weight_decay, cfg.lr,
@@ -222,15 +254,14 @@ def main(argv=None):
             for opt in filter(None, optimizers):
                 scaler.unscale_(opt)  # fp16: clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            checkpoint.stop_if_diverged(step, cfg.out_dir, totals, grad_norm, scaler)
+            stop, skipped = checkpoint.check_step(step, cfg.out_dir, totals, grad_norm, scaler, preemption)
             for opt in filter(None, optimizers):
                 scaler.step(opt)  # fp16: skipped when a gradient overflowed
             scaler.update()
             for opt in filter(None, optimizers):
                 opt.zero_grad(set_to_none=True)
             step += 1
-            skipped_steps += not torch.isfinite(grad_norm).item()  # fp16: the scaler skipped an overflowing step
-            stop = preemption.requested(ddp.device)  # every rank stops after the same step
+            skipped_steps += skipped  # fp16: the scaler skipped an overflowing step
             bar.update()
             if step % cfg.log_every == 0 or step == total_steps:
                 rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)
@@ -240,7 +271,7 @@ def main(argv=None):
                 log.write(step=step, epoch=step / steps_per_epoch, loss=totals[0].item(), lr=lr,
                           grad_norm=grad_norm.item(), skipped_steps=skipped_steps, questions_per_s=rate)
             # held-out accuracy each epoch, best kept; a stop signal skips it: the checkpoint comes first
-            if (step % steps_per_epoch == 0 or step == total_steps) and not stop:
+            if (step % steps_per_epoch == 0 or step == total_steps) and not stop and not final:
                 metrics = evaluate()
                 log.write(step=step, epoch=step / steps_per_epoch, **{cfg.eval_split: metrics})
                 bar.write(f"epoch {step / steps_per_epoch:.1f}: {cfg.eval_split} accuracy "
@@ -261,11 +292,38 @@ def main(argv=None):
     if cfg.skip_bad_images:
         bad_images.report()
 
-    common.print0(f"best {cfg.eval_split} VQA accuracy {best['overall']:.2f} at step {best.get('step')} "
-                  f"(per answer type {best.get('perAnswerType')}); saved {os.path.join(cfg.out_dir, 'best.pt')}")
+    if final:
+        # ---- the final run: the last step's weights, and their answers to every test2015 question
+        result = {"final": os.path.join(cfg.out_dir, "final.pt"), "step": step}
+        if ddp.is_main:
+            checkpoint.save_weights(checkpoint_state(), result["final"])
+        if test_set is not None:
+            predictions = predict_vqa(raw_model, test_loader, answers, ddp, cfg.dtype, cfg.channels_last)
+            for split in ("test-dev", "test"):  # evaluate.py vqa --split <split>'s file names
+                result[split] = os.path.join(cfg.out_dir, f"vqa_{split}_submission.json")
+                if ddp.is_main:
+                    write_submission(predictions, test_q, result[split])
+        common.print0(f"final run: saved {result['final']} (step {step}); "
+                      + (f"{len(test_q):,} test2015 answers in {result['test-dev']} and {result['test']}: upload them "
+                         f"to the VQA challenge on EvalAI" if test_set is not None else "no submission file"))
+    else:
+        result = best
+        common.print0(f"best {cfg.eval_split} VQA accuracy {best['overall']:.2f} at step {best.get('step')} "
+                      f"(per answer type {best.get('perAnswerType')}); saved {os.path.join(cfg.out_dir, 'best.pt')}")
     if ddp.world_size > 1:
         dist.destroy_process_group()
-    return best
+    return result
+
+
+def write_submission(predictions, questions, path):
+    """The test server's file: [{"question_id", "answer"}] in the questions file's order, each
+    question exactly once (checked), written whole to a temporary file and then renamed."""
+    order = {q["question_id"]: i for i, q in enumerate(questions)}
+    predictions = sorted(predictions, key=lambda p: order[p["question_id"]])
+    check_predictions(predictions, list(order), path)
+    with open(path + ".tmp", "w") as f:
+        json.dump(predictions, f)
+    os.replace(path + ".tmp", path)
 
 
 def check_answer_vocab(answers, other, source):

@@ -22,7 +22,7 @@ import torch
 import checkpoint
 import common
 import data
-from model import make_optimizers, pretraining_losses
+from model import fold_frozen_batchnorm, make_optimizers, pretraining_losses
 from tools import pretrain_cnn, synthetic
 
 
@@ -44,9 +44,12 @@ class Config:
     group_aspect: bool = True  # batch landscape and portrait images apart (less padding)
     num_workers: int = 6  # DataLoader processes per training process (0: load in the training process)
     skip_bad_images: bool = False  # report, count and skip unreadable training images instead of stopping
+    cache_dir: str = ""  # folder of the tokenised caption index; none: <data-root>/.pixelbert_cache, or
+    #  $XDG_CACHE_HOME/pixelbert (~/.cache/pixelbert) when --data-root is not writable
     # model: the --model architecture with --bert and --cnn weights, or a Pixel-BERT checkpoint (--init)
-    model: Literal["tiny", "r50", "x152"] = "r50"  # tiny: the demo's | r50: ResNet-50 + BERT-base |
-    #  x152: ResNeXt-152 32x8d + BERT-base. With --init, the checkpoint's architecture
+    model: Literal["tiny", "r50", "x152", "x152_32x4d"] = "r50"  # tiny: the demo's | r50: ResNet-50 + BERT-base |
+    #  x152: ResNeXt-152 32x8d + BERT-base | x152_32x4d: ResNeXt-152 32x4d (half the group width) + BERT-base;
+    #  the paper does not say which X152 it used. With --init, the checkpoint's architecture
     bert: str = ""  # Hugging Face BERT folder or weights file (bert-base-uncased) for the Transformer
     cnn: str = ""  # torchvision ResNet .pth (or a converted ResNeXt) for the CNN
     cnn_pretrain_epochs: float = 0  # epochs of classification on <data-root>/imagenet that give the CNN its
@@ -65,6 +68,9 @@ class Config:
     # pre-training tasks (paper 3.3)
     tasks: str = "mlm,itm"  # objectives: mlm,itm | mlm | itm (the paper's ablation drops one)
     mask_prob: float = 0.15  # MLM: probability that a word piece is masked
+    mask_at_least_one: bool = True  # MLM: mask one word piece of a caption that drew none, which raises the
+    #  real rate on short captions (Visual Genome phrases: 24% at 5 word pieces, 100% at 1); off: --mask-prob
+    #  exactly, and some captions have nothing masked
     itm_neg_prob: float = 0.5  # ITM: probability that a pair's caption is replaced by another image's
     mlm_on_negatives: bool = False  # MLM on mismatched pairs too
     pixel_samples: int = 100  # pixel random sampling: pixel tokens kept per image (0: all)
@@ -91,6 +97,9 @@ class Config:
     device: str = ""  # cpu, cuda, cuda:1...; none: cuda if there is a GPU, else cpu
     compile: bool = False  # torch.compile the model
     channels_last: bool = True  # NHWC convolutions in the CNN (faster with bf16 on GPUs and AMX CPUs)
+    fold_batchnorm: bool = False  # apply the CNN's fixed BatchNorm inside its convolutions (same weights,
+    #  checkpoints and gradients, fewer passes over the activations: a speed option for r50 / x152 on GPUs);
+    #  only for BatchNorm with fixed statistics (not the tiny model's)
     # logging, evaluation and checkpoints
     out_dir: str = "runs/pretrain"  # run folder: config.json, metrics.jsonl, ckpt_<step>.pt, final.pt
     log_every: int = 50  # optimiser steps between logged losses
@@ -146,8 +155,9 @@ def main(argv=None):
                                f"--num-workers={cfg.num_workers}", f"--seed={cfg.seed}",
                                f"--{'' if cfg.skip_bad_images else 'no-'}skip-bad-images"])
     init_state, tokenizer = checkpoint.init_and_tokenizer(cfg)
-    train_index = data.caption_index(dataset, cfg.data_root, "train", tokenizer, skip_bad_images=cfg.skip_bad_images)
-    val_index = data.caption_index(dataset, cfg.data_root, "val", tokenizer)
+    train_index = data.caption_index(dataset, cfg.data_root, "train", tokenizer, cfg.cache_dir or None,
+                                     cfg.skip_bad_images)
+    val_index = data.caption_index(dataset, cfg.data_root, "val", tokenizer, cfg.cache_dir or None)
     data.check_images([val_index.image_path(i) for i in range(len(val_index.image_paths))], "held-out")
     if ddp.world_size > 1 and ddp.is_main:
         torch.distributed.barrier()
@@ -158,7 +168,7 @@ def main(argv=None):
         return data.PretrainPairs(index, tokenizer, cfg.image_min_size, cfg.image_max_size, cfg.seed,
                                   cfg.itm_neg_prob if "itm" in tasks else 0.0,
                                   cfg.mask_prob if "mlm" in tasks else 0.0, cfg.mlm_on_negatives, captions_per_image,
-                                  skip_bad_images)
+                                  skip_bad_images, cfg.mask_at_least_one)
 
     # An epoch is one pass over the pairs: with k captions per image, 1/k as many images.
     sizes = train_index.image_sizes[train_index.caption_image]  # (N, 2) width, height of each pair's image
@@ -186,6 +196,8 @@ def main(argv=None):
     # ---- model
     torch.manual_seed(cfg.seed + ddp.rank)
     raw_model = common.build_model(cfg, ("mlm", "itm"), tokenizer.vocab_size, init_state=init_state).to(ddp.device)
+    if cfg.fold_batchnorm:  # check_config made sure the CNN's BatchNorm is the fixed kind
+        fold_frozen_batchnorm(raw_model)
     model_cfg = raw_model.config
     if cfg.channels_last:
         raw_model.cnn.to(memory_format=torch.channels_last)
@@ -253,10 +265,11 @@ def main(argv=None):
                      for _ in range(accum)]
             for b in micro:
                 bad_images.note(b)
-            # masked tokens and pairs of the whole global batch: each loss is a mean over these
-            num_masked, num_pairs = common.all_reduce_sum(torch.tensor(
-                [sum((b["mlm_labels"] != data.IGNORE).sum().item() for b in micro),
-                 sum(len(b["itm_labels"]) for b in micro)], device=ddp.device))
+            # masked tokens and pairs of the whole global batch, each loss a mean over these (counted on the
+            # device: the host does not wait for it)
+            num_masked, num_pairs = common.all_reduce_sum(torch.stack([
+                sum((b["mlm_labels"] != data.IGNORE).sum() for b in micro),
+                torch.tensor(sum(len(b["itm_labels"]) for b in micro), device=ddp.device)]))
             common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
             totals = torch.zeros(2, device=ddp.device)  # MLM, ITM summed over micro-batches and processes
             for i, batch in enumerate(micro):
@@ -275,15 +288,14 @@ def main(argv=None):
             for opt in filter(None, optimizers):
                 scaler.unscale_(opt)  # fp16: clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            checkpoint.stop_if_diverged(step, cfg.out_dir, totals, grad_norm, scaler)
+            stop, skipped = checkpoint.check_step(step, cfg.out_dir, totals, grad_norm, scaler, preemption)
             for opt in filter(None, optimizers):
                 scaler.step(opt)  # fp16: skipped when a gradient overflowed
             scaler.update()
             for opt in filter(None, optimizers):
                 opt.zero_grad(set_to_none=True)
             step += 1
-            skipped_steps += not torch.isfinite(grad_norm).item()  # fp16: the scaler skipped an overflowing step
-            stop = preemption.requested(ddp.device)  # every rank stops after the same step
+            skipped_steps += skipped  # fp16: the scaler skipped an overflowing step
             bar.update()
             if step % cfg.log_every == 0 or step == total_steps:
                 rate = (step - step_last) * cfg.global_batch / (time.time() - t_last)

@@ -40,7 +40,7 @@ def pretrain_args(root, out, **overrides):
 FINETUNES = {
     "vqa": (finetune_vqa, dict(batch_size=20, global_batch=20, questions_per_image=2, minival_images=100)),
     "nlvr": (finetune_nlvr, dict(batch_size=8, global_batch=16)),
-    "retrieval": (finetune_retrieval, dict(batch_size=8, global_batch=8, negatives=20, eval_pairs=128,
+    "retrieval": (finetune_retrieval, dict(batch_size=8, global_batch=8, negatives=20, score_batch=128,
                                            warmup_steps=0)),
 }
 

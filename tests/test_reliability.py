@@ -406,7 +406,7 @@ def script_step(model, opt, scaler, loss_fn, out_dir, step):
     scaler.scale(loss.sum()).backward()
     scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-    checkpoint.stop_if_diverged(step, out_dir, loss.detach(), norm, scaler)
+    checkpoint.check_step(step, out_dir, loss.detach(), norm, scaler)
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)

@@ -63,7 +63,7 @@ SMOKE = {"pretrain": ["--max-steps=2", "--batch-size=16", "--global-batch=16", "
                       "--eval-pairs=16", "--cnn-pretrain-epochs=1"],
          "finetune": ["--max-steps=2", "--epochs=1"],
          "vqa": ["--batch-size=10", "--global-batch=10", "--questions-per-image=2"],
-         "retrieval": ["--batch-size=2", "--global-batch=2", "--eval-images=5", "--eval-pairs=32"],
+         "retrieval": ["--batch-size=2", "--global-batch=2", "--eval-images=5", "--score-batch=32"],
          "nlvr2": ["--batch-size=4", "--global-batch=4"],
          "cnn": ["--epochs=1", "--batch-size=16", "--image-size=64", "--num-workers=0", "--dtype=fp32"],
          "all": ["--image-min-size=64", "--image-max-size=96", "--num-workers=0", "--dtype=fp32"]}
