@@ -162,8 +162,9 @@ WITHIN = {">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0, ">= 0": lambda v: v 
           "in [0, 1]": lambda v: 0 <= v <= 1, ">= 64": lambda v: v >= 64, ">= 32": lambda v: v >= 32,
           ">= 3": lambda v: v >= 3}
 
-# --model x152's images, unless given: shorter side 600, longer side at most 1000 (paper 4.1).
-MODEL_PRESETS = {"x152": dict(image_min_size=600, image_max_size=1000)}
+# --model x152's images (either width), unless given: shorter side 600, longer side at most 1000 (paper 4.1).
+MODEL_PRESETS = {"x152": dict(image_min_size=600, image_max_size=1000),
+                 "x152_32x4d": dict(image_min_size=600, image_max_size=1000)}
 
 DEMO_MARKER = "DEMO_CORPUS.json"  # tools/synthetic.py marks the demo corpus with it
 # Where a --data value's official files show under --data-root (README: Real data, layout on disk).
@@ -197,7 +198,7 @@ def config_parser(cls, presets=None):
     labelled = {**(presets or {}), **(MODEL_PRESETS if presets is not None else {})}
     parser = FlagParser(allow_abbrev=False, description=(cls.__doc__ or "").strip(), epilog=(
         "In parentheses: the range, the default, and the value under a preset (demo: with --data demo, the default on "
-        "the demo corpus; x152: with --model x152)." if presets is not None else None))
+        "the demo corpus; x152, x152_32x4d: with that --model)." if presets is not None else None))
     group = parser
     for f in dataclasses.fields(cls):
         if f.name in sections:
@@ -267,7 +268,10 @@ def data_choice(cls, data, root):
     raise refuse("data-root", root, f"real data (not the demo corpus) needs --data to say which: {what}")
 
 
-MODELS = {"tiny": PixelBertConfig.tiny, "r50": PixelBertConfig.r50, "x152": PixelBertConfig.x152}
+# x152 is ResNeXt-152 32x8d, x152_32x4d the same depth at half the group width: the paper does not say which
+# (PixelBertConfig.x152).
+MODELS = {"tiny": PixelBertConfig.tiny, "r50": PixelBertConfig.r50, "x152": PixelBertConfig.x152,
+          "x152_32x4d": functools.partial(PixelBertConfig.x152, width_per_group=4)}
 ARCHITECTURE = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "cnn_depth", "cnn_groups",
                 "cnn_width_per_group", "cnn_width")
 
@@ -315,8 +319,13 @@ def check_config(cfg):
             raise refuse("lr_milestones", cfg.lr_milestones, "comma-separated epochs > 0, e.g. 25,35") from None
     if "init" in values:
         check_weights(cfg)
-        check_model_fits(cfg, (cfg.init and checkpoint_model_config(cfg.init)) or dataclasses.asdict(
-            MODELS[cfg.model](pixel_pool=cfg.pixel_pool, visual_position=cfg.visual_position)))
+        model_config = (cfg.init and checkpoint_model_config(cfg.init)) or dataclasses.asdict(
+            MODELS[cfg.model](**fresh_model_fields(cfg)))
+        check_model_fits(cfg, model_config)
+        if values.get("fold_batchnorm") and model_config.get("norm") != "frozen":
+            raise SystemExit(f"--fold-batchnorm: the {cfg.model} model's BatchNorm uses batch statistics (norm "
+                             f"{model_config.get('norm')!r}); only fixed ImageNet statistics (norm 'frozen': r50, "
+                             f"x152 from their weights) fold into the convolutions: drop --fold-batchnorm")
 
 
 def check_weights(cfg):
@@ -338,16 +347,39 @@ def check_weights(cfg):
 
 def check_model_fits(cfg, model_config):
     """--max-text-len within the model's position table, and with learned pixel positions, the
-    largest image within its grid (model_config: --init's, else the --model preset's)."""
+    largest image within its grid (model_config: --init's, else the one build_model would make,
+    whose grid fresh_model_fields sizes to fit)."""
     if cfg.max_text_len > model_config["max_position_embeddings"]:
         raise refuse("max_text_len", cfg.max_text_len, f"the model has {model_config['max_position_embeddings']} "
                                                        f"text positions: use at most that")
     cell = 32 * model_config["pixel_pool"]  # image pixels per pixel-token side
-    padded = -(-cfg.image_max_size // PAD_MULTIPLE) * PAD_MULTIPLE
     grid = model_config.get("max_pixel_grid", 32)
-    if model_config.get("visual_position") and -(-padded // cell) > grid:
+    if model_config.get("visual_position") and pixel_grid(cfg.image_max_size, model_config["pixel_pool"]) > grid:
         raise refuse("image_max_size", cfg.image_max_size, f"the learned pixel positions cover {grid} tokens of {cell} "
                                                            f"px a side: use at most {grid * cell}")
+
+
+def pixel_grid(image_max_size, pixel_pool):
+    """Pixel tokens along the longer side of the largest image a batch can hold: at most
+    image_max_size pixels, padded to a multiple of PAD_MULTIPLE, then the CNN's stride 32 and the
+    pixel_pool x pixel_pool max-pool, each rounded up (1333 px, pool 1: 1344 px -> 42 tokens)."""
+    padded = -(-image_max_size // PAD_MULTIPLE) * PAD_MULTIPLE
+    return -(-padded // (32 * pixel_pool))
+
+
+def fresh_model_fields(cfg):
+    """The PixelBertConfig fields that a run without --init takes from its flags: the visual
+    embedding's, a position table that covers the grid of --image-max-size (never smaller than
+    the default 32 rows, so the tables of smaller images stay those of the default config), and
+    for --from-scratch without --cnn, BatchNorm with batch statistics (fixed statistics would
+    keep their identity values, so the CNN learns batch statistics instead, as the tiny model's
+    does)."""
+    fields = dict(pixel_pool=cfg.pixel_pool, pixel_proj_first=cfg.pixel_proj_first,
+                  visual_layernorm=cfg.visual_layernorm, visual_position=cfg.visual_position,
+                  max_pixel_grid=max(PixelBertConfig.max_pixel_grid, pixel_grid(cfg.image_max_size, cfg.pixel_pool)))
+    if getattr(cfg, "from_scratch", False) and not cfg.cnn:
+        fields["norm"] = "batch"
+    return fields
 
 
 # -----------------------------------------------------------------------------
@@ -407,8 +439,8 @@ def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
     """PixelBert for a script's config, with a report of what was loaded and what stayed new.
     From --init (`init_state`: that checkpoint, loaded by checkpoint.init_and_tokenizer), the
     trunk's architecture is the checkpoint's own (only the heads and dropout are this run's);
-    otherwise it is the --model preset with the script's visual-embedding flags, initialised
-    from --bert and --cnn (or, with --from-scratch, not). --cnn-lr 0 (where a script has it)
+    otherwise it is the --model preset with the fields the script's flags set (fresh_model_fields),
+    initialised from --bert and --cnn (or, with --from-scratch, not). --cnn-lr 0 (where a script has it)
     fixes the CNN."""
     if cfg.init:
         state = init_state
@@ -420,14 +452,8 @@ def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
         model = PixelBert(model_cfg)
         print0(copy_weights(model, state["model"], cfg.init))
     else:
-        # --from-scratch without --cnn: fixed BatchNorm would keep its identity statistics, so the CNN
-        # learns batch statistics instead, as the tiny model's does
-        scratch = dict(norm="batch") if getattr(cfg, "from_scratch", False) and not cfg.cnn else {}
         model = PixelBert(model_preset(cfg.model, vocab_size=vocab_size, dropout=cfg.dropout, heads=heads,
-                                       num_answers=num_answers, pixel_pool=cfg.pixel_pool,
-                                       pixel_proj_first=cfg.pixel_proj_first, visual_layernorm=cfg.visual_layernorm,
-                                       visual_position=cfg.visual_position,
-                                       **scratch))
+                                       num_answers=num_answers, **fresh_model_fields(cfg)))
         if cfg.bert:
             print0(load_bert(model, cfg.bert))
         if cfg.cnn:

@@ -344,18 +344,21 @@ def collate(items):
 # Pre-training objectives on one example (paper 3.4)
 
 
-def mask_tokens(ids, rng, tokenizer, prob=0.15):
+def mask_tokens(ids, rng, tokenizer, prob=0.15, at_least_one=True):
     """BERT's masking of [CLS] w1..wn [SEP]: each word piece is chosen with probability `prob`
-    (at least one per caption, unless prob is 0); a chosen piece becomes [MASK] 80% of the time,
-    a random word piece 10%, and stays unchanged 10%. [CLS]/[SEP] are never chosen.
-    Returns (input ids, labels) with labels IGNORE where nothing is predicted."""
+    (with at_least_one, one piece at random when none was, unless prob is 0); a chosen piece
+    becomes [MASK] 80% of the time, a random word piece 10%, and stays unchanged 10%. [CLS]/[SEP]
+    are never chosen. The forced piece raises the real rate on short captions, to
+    prob + (1 - prob)**n / n per piece for n pieces (prob 0.15: 0.24 at 5, 1 at 1);
+    without it every piece is chosen with probability `prob` exactly, and a caption may have
+    nothing to predict. Returns (input ids, labels) with labels IGNORE where nothing is predicted."""
     ids = np.asarray(ids)
     n = len(ids) - 2
     inputs, labels = ids.copy(), np.full(len(ids), IGNORE)
     if n <= 0 or prob == 0:
         return inputs, labels
     chosen = rng.random(n) < prob
-    if not chosen.any():
+    if at_least_one and not chosen.any():
         chosen[rng.integers(n)] = True
     u = rng.random(n)
     words = inputs[1:-1]  # a view: writes go into inputs
@@ -457,7 +460,7 @@ def image_file(root, rel):
 def require(root, rel):
     path = os.path.join(root, rel)
     if not os.path.exists(path):
-        hint = DOWNLOADS.get(rel) or RETRIEVAL_DOWNLOADS.get(rel, "see the README's Data section")
+        hint = DOWNLOADS.get(rel) or RETRIEVAL_DOWNLOADS.get(rel, "see the README's Real data section")
         raise DataError(f"{path} is missing. Get {hint} and put it at {rel} under --data-root ({root}).")
     return path
 
@@ -578,7 +581,8 @@ def pretrain_entries(name, root, split):
 
 def caption_index(name, root, split, tokenizer, cache_root=None, skip_bad_images=False):
     """The cached CaptionIndex for (dataset, split, vocabulary); rebuilt when a source file or
-    the vocabulary changes. Cached under <root>/.pixelbert_cache unless cache_root is given."""
+    the vocabulary changes. Cached under cache_root if given (pretrain.py's --cache-dir), else
+    under <root>/.pixelbert_cache, or user_cache_dir() when <root> is read-only."""
     sources = sorted(os.path.join(root, rel) for rel in DOWNLOADS if rel.endswith(".json"))
     stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in sources if os.path.exists(p)]
     vocab = file_digest(tokenizer.vocab_path) if tokenizer.vocab_path else \
@@ -624,11 +628,11 @@ class PretrainPairs(torch.utils.data.Dataset):
     same whatever the number of workers or processes, and a resumed run replays it exactly."""
 
     def __init__(self, index, tokenizer, min_size, max_size, seed=0, itm_neg_prob=0.5, mask_prob=0.15,
-                 mlm_on_negatives=False, captions_per_image=1, skip_bad_images=False):
+                 mlm_on_negatives=False, captions_per_image=1, skip_bad_images=False, mask_at_least_one=True):
         self.index, self.tok, self.skip_bad_images = index, tokenizer, skip_bad_images
         self.min_size, self.max_size, self.seed = min_size, max_size, seed
         self.itm_neg_prob, self.mask_prob, self.mlm_on_negatives = itm_neg_prob, mask_prob, mlm_on_negatives
-        self.captions_per_image = captions_per_image
+        self.captions_per_image, self.mask_at_least_one = captions_per_image, mask_at_least_one
 
     def __len__(self):
         return len(self.index)
@@ -656,7 +660,7 @@ class PretrainPairs(torch.utils.data.Dataset):
         # Every caption is masked, matched or not: if only matched ones carried [MASK], ITM
         # could be solved by spotting [MASK]. MLM labels are kept on matched pairs only, since
         # a caption of another image teaches the wrong grounding (the paper leaves this open).
-        mlm_ids, mlm_labels = mask_tokens(ids, rng, self.tok, self.mask_prob)
+        mlm_ids, mlm_labels = mask_tokens(ids, rng, self.tok, self.mask_prob, self.mask_at_least_one)
         if not matched and not self.mlm_on_negatives:
             mlm_labels[:] = IGNORE
         return {"input_ids": ids, "mlm_ids": mlm_ids.tolist(), "mlm_labels": mlm_labels.tolist(),
@@ -809,6 +813,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 VQA_SPLITS = {  # split -> question/annotation files; answers to the test questions are withheld
     "train": ["train2014"], "val": ["val2014"], "trainval": ["train2014", "val2014"], "minival": ["val2014"],
+    "trainval_all": ["train2014", "val2014"],  # trainval with minival: the final run's training set
     "test-dev": ["test2015"], "test": ["test2015"],  # test-dev is a part of test2015; see read_vqa
 }
 
@@ -839,7 +844,8 @@ def vqa_image_path(root, subset, image_id, skip_missing=False):
 def read_vqa(root, split, minival_images=5000, skip_bad_images=False):
     """The questions of a split and, where they exist, their annotations, each a list of the
     official records, in file order. minival is held out of val (see vqa_minival_images) and
-    trainval is train + val without it. test-dev and test both return every test2015 question:
+    trainval is train + val without it; trainval_all is all of train + val, for a final run that
+    selects nothing on minival. test-dev and test both return every test2015 question:
     the evaluation server wants all of them in either phase. skip_bad_images: a missing image
     is left for training to report and skip (--skip-bad-images) instead of stopping here."""
     if split not in VQA_SPLITS:

@@ -617,7 +617,7 @@ def check_data(name, root, sample=20):
     print(f"check-data --data {name} --data-root {root}")
     for rel, required, note in CHECK_DATA[name]:
         path, hint = os.path.join(root, rel), data.DOWNLOADS.get(rel) or data.RETRIEVAL_DOWNLOADS.get(rel) or \
-            EXTRA_DOWNLOADS.get(rel, "see the README's Data section")
+            EXTRA_DOWNLOADS.get(rel, "see the README's Real data section")
         label = rel + ("/" if not rel.endswith(".json") else "") + (f" ({note})" if note else "") + \
             ("" if required else " [optional]")
         row = {"path": rel, "required": required, "present": os.path.exists(path)}

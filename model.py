@@ -787,14 +787,17 @@ def rank_scores(model, pooled):
         return model.rank_head(pooled.float()).squeeze(-1)
 
 
-def hard_negative_loss(score, candidates, num_hard):
+def hard_negative_loss(score, candidates, num_hard, model=None):
     """Softmax cross-entropy of ranking (paper 4.4) over the ground truth and its num_hard
     highest-scoring negatives, summed over images.
     candidates (B, C): row numbers of one image's pairs, ground truth in column 0, then its
     negatives; score(rows (n,)) -> (n,) scores of those pairs. Every candidate is scored without
     gradient to find the hardest; the ground truth and those are scored again with gradient, so
     only 1 + num_hard pairs per image are back-propagated (the paper's "gradient only through
-    the 5 hardest"; with dropout, the two passes draw different masks). The easier negatives are
+    the 5 hardest"). model: the module that `score` runs; the choosing pass then runs it in eval
+    mode (every submodule's own mode is restored after it), so that the hardest negatives are
+    those the model ranks highest, not those one dropout draw happened to favour; the pass with
+    gradient keeps the training mode and its dropout. The easier negatives are
     left out of the softmax, not kept in it as constants: with constants in the denominator,
     raising every trained score alike lowers the loss, so training drifts all scores up until
     the pooler's tanh saturates and [CLS] stops depending on the caption. Over the chosen
@@ -802,8 +805,15 @@ def hard_negative_loss(score, candidates, num_hard):
     are the ones the model already scores lowest. (Where the model cannot tell the positive from
     its hardest negatives at all, the loss still settles at ln(1 + num_hard), every score alike.)"""
     B, C = candidates.shape
-    with torch.no_grad():
-        every = score(candidates.flatten()).float().view(B, C)  # (B, C)
+    modes = [(m, m.training) for m in model.modules()] if model is not None else []
+    try:
+        if model is not None:
+            model.eval()
+        with torch.no_grad():
+            every = score(candidates.flatten()).float().view(B, C)  # (B, C)
+    finally:
+        for m, training in modes:  # e.g. retrieval's frozen CNN stays in eval mode inside a training model
+            m.training = training
     hard = every[:, 1:].topk(min(num_hard, C - 1), dim=1).indices + 1  # (B, num_hard) columns
     chosen = torch.cat([torch.zeros_like(hard[:, :1]), hard], dim=1)  # (B, 1 + num_hard), ground truth first
     logits = score(candidates.gather(1, chosen).flatten()).float().view(B, -1)

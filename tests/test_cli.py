@@ -54,7 +54,7 @@ def test_help_shows_units_effective_defaults_and_presets():
     pre = flag_helps(parser_of(pretrain))
     assert pre["--batch-size"].startswith("pairs per process and micro-step")
     assert pre["--batch-size"].endswith("(>= 1; default: 32; demo: 256)")
-    assert "(>= 64; default: 800; demo: 128; x152: 600)" in pre["--image-min-size"]
+    assert "(>= 64; default: 800; demo: 128; x152: 600; x152_32x4d: 600)" in pre["--image-min-size"]
     assert pre["--group-aspect"].endswith("(default: on)") and pre["--compile"].endswith("(default: off)")
     assert "default: demo on the demo corpus, else required" in pre["--data"] and "coco_vg" in pre["--data"]
     assert "0: at the end only" in pre["--eval-every"] and "(>= 0;" in pre["--eval-every"]
@@ -62,6 +62,8 @@ def test_help_shows_units_effective_defaults_and_presets():
     assert flag_helps(parser_of(finetune_nlvr))["--batch-size"].startswith("examples per process and micro-step")
     ret = flag_helps(parser_of(finetune_retrieval))
     assert ret["--batch-size"].startswith("images per process and micro-step, each with its caption and --negatives")
+    assert ret["--global-batch"].startswith("images per optimiser step")
+    assert "64 images per GPU" in ret["--global-batch"]  # the paper's "8 GPUs x 64", read as images
     assert ret["--epochs"].endswith("(> 0; default: 10; demo: 1; coco: 4)")
     assert "--eval-pairs" not in ret and ret["--score-batch"].startswith("(image, caption) pairs per Transformer")
 
@@ -85,7 +87,8 @@ def test_evaluate_help_explains_every_flag(command, capsys):
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
     """Folders with the files that show each kind of real data (empty: nothing may read them), a
-    demo corpus's marker alone, and a tiny --init checkpoint (the tiny architecture, 64 positions)."""
+    demo corpus's marker alone, and tiny --init checkpoints (the tiny architecture, 64 positions;
+    tiny_pos: learned positions for 32 x 32 pixel tokens of 32 px)."""
     tmp = tmp_path_factory.mktemp("cli")
     for name, files in {"coco_vg": ["coco/dataset_coco.json", "vg/region_descriptions.json"], "vqa": ["vqa/x.json"],
                         "nlvr2": ["nlvr2/data/dev.json"], "flickr30k": ["flickr30k/dataset_flickr30k.json"],
@@ -96,8 +99,11 @@ def roots(tmp_path_factory):
     tiny = PixelBertConfig.tiny(vocab_size=len(VOCAB))
     torch.save({"model": {}, "model_config": dataclasses.asdict(tiny), "vocab": VOCAB, "config": {"model": "tiny"}},
                tmp / "tiny.pt")
+    tiny_pos = PixelBertConfig.tiny(vocab_size=len(VOCAB), pixel_pool=1, visual_position=True)
+    torch.save({"model": {}, "model_config": dataclasses.asdict(tiny_pos), "vocab": VOCAB}, tmp / "tiny_pos.pt")
     return SimpleNamespace(**{name: str(tmp / name) for name in ("coco_vg", "vqa", "nlvr2", "flickr30k", "other",
-                                                                 "demo")}, tiny=str(tmp / "tiny.pt"), tmp=tmp)
+                                                                 "demo")}, tiny=str(tmp / "tiny.pt"),
+                           tiny_pos=str(tmp / "tiny_pos.pt"), tmp=tmp)
 
 
 REFUSALS = [  # (script, argv with {placeholders} from roots, fragment of the one-line message)
@@ -125,7 +131,12 @@ REFUSALS = [  # (script, argv with {placeholders} from roots, fragment of the on
     ("pretrain", ["--image-min-size", "0"], "--image-min-size 0: must be >= 64"),
     ("pretrain", ["--image-min-size", "200", "--image-max-size", "100"], "--image-max-size 100: must be >="),
     ("pretrain", ["--max-text-len", "100"], "--max-text-len 100: the model has 64 text positions"),
-    ("pretrain", ["--pixel-pool", "1", "--image-max-size", "1333"], "--image-max-size 1333: the learned pixel pos"),
+    ("vqa", ["--init", "{tiny_pos}", "--image-max-size", "1333"],
+     "--image-max-size 1333: the learned pixel positions cover 32 tokens of 32 px a side: use at most 1024"),
+    ("vqa", ["--fold-batchnorm"], "--fold-batchnorm: the tiny model's BatchNorm uses batch statistics"),
+    ("nlvr", ["--init", "{tiny}", "--fold-batchnorm"], "--fold-batchnorm: .*only fixed ImageNet statistics"),
+    ("pretrain", ["--data", "coco_vg", "--data-root", "{coco_vg}", "--from-scratch", "--fold-batchnorm"],
+     "--fold-batchnorm: the r50 model's BatchNorm uses batch statistics"),  # from scratch: it learns them
     ("pretrain", ["--mask-prob", "1.5"], r"--mask-prob 1.5: must be in \[0, 1\]"),
     ("pretrain", ["--lr", "0"], "--lr 0: must be > 0"),
     ("pretrain", ["--lr", "nan"], "--lr nan: must be > 0"),
@@ -140,6 +151,9 @@ REFUSALS = [  # (script, argv with {placeholders} from roots, fragment of the on
     ("vqa", ["--questions-per-image", "0"], "--questions-per-image 0: must be >= 1"),
     ("vqa", ["--train-split", "test"], "--train-split: invalid choice"),
     ("vqa", ["--eval-split", "val"], "--eval-split val: --train-split trainval contains most of val"),
+    ("vqa", ["--train-split", "trainval_all"], "--eval-split minival: --train-split trainval_all trains on every val "
+                                               "question: pass --eval-split none"),
+    ("vqa", ["--eval-split", "test"], "--eval-split: invalid choice"),
     ("vqa", ["--init", "{tiny}", "--model", "r50"], "--model r50: --init .*tiny.pt holds a tiny model"),
     ("vqa", ["--init", "{tiny}", "--max-text-len", "80"], "--max-text-len 80: the model has 64 text positions"),
     ("vqa", ["--init", "{tiny}", "--bert", "weights/bert"], "--init .*tiny.pt: holds every weight"),
@@ -220,3 +234,44 @@ def test_section_comments_become_groups():
     assert sections["batch_size"][0] == "optimisation" and "4096 pairs" in sections["batch_size"][1]
     assert helps["data"].endswith("coco_vg: coco and vg (the paper's)")  # a help continued on the next lines
     assert isinstance(common.config_parser(pretrain.Config, pretrain.PRESETS), argparse.ArgumentParser)
+
+
+def test_fresh_position_table_covers_the_images(roots, tmp_path):
+    """--visual-position with --pixel-pool 1 at the paper's 800 x 1333: the longer side pads to 1344
+    px, 42 tokens, past the default table of 32. A model built without --init gets a table sized
+    from --image-max-size (never below 32); an --init checkpoint keeps its own and is checked up
+    front (REFUSALS)."""
+    assert common.pixel_grid(1333, 1) == 42 and common.pixel_grid(1333, 2) == 21
+    assert common.pixel_grid(1300, 1) == 42  # padded to 1344 first: 1300 / 32 alone would say 41
+    cfg = common.parse_config(pretrain.Config, pretrain.PRESETS, ["--data-root", str(tmp_path / "none"),
+                                                                  "--pixel-pool", "1", "--image-max-size", "1333"])
+    assert cfg.model == "tiny" and cfg.visual_position  # the demo preset
+    common.check_config(cfg)
+    model = common.build_model(cfg, ("itm",), len(VOCAB))
+    assert model.config.max_pixel_grid == 42
+    demo = common.parse_config(pretrain.Config, pretrain.PRESETS, ["--data-root", str(tmp_path / "none")])
+    assert common.fresh_model_fields(demo)["max_pixel_grid"] == 32  # the demo's 192 px: the default table
+    with torch.no_grad():  # the widest image fits: a 1333 x 800 picture, every token with its position
+        image = torch.zeros(1, 3, 832, 1344)
+        mask = torch.zeros(1, 832, 1344, dtype=torch.bool)
+        mask[:, :800, :1333] = True
+        tokens, pixel_mask = model.eval().encode_image(image, mask)
+    assert tokens.shape[1] == 26 * 42 and pixel_mask.sum() == 25 * 42
+
+
+def test_x152_32x4d_from_the_command_line(roots, tmp_path):
+    """Both ResNeXt-152 widths are --model choices with the paper's X152 image sizes, and an --init
+    checkpoint of either is named by its own width."""
+    cfg = common.parse_config(finetune_vqa.Config, finetune_vqa.PRESETS, ["--data", "vqa", "--data-root", roots.vqa,
+                                                                          "--init=", "--model", "x152_32x4d"])
+    assert (cfg.model, cfg.image_min_size, cfg.image_max_size) == ("x152_32x4d", 600, 1000)
+    narrow, wide = common.model_preset("x152_32x4d"), common.model_preset("x152")
+    assert (narrow.cnn_depth, narrow.cnn_groups, narrow.cnn_width_per_group) == (152, 32, 4)
+    assert wide.cnn_width_per_group == 8
+    for name, config in (("x152_32x4d", narrow), ("x152", wide)):
+        path = tmp_path / f"{name}.pt"
+        torch.save({"model": {}, "model_config": dataclasses.asdict(config)}, path)
+        assert common.init_model(str(path), None, "r50") == name
+    with pytest.raises(SystemExit, match="--model x152: --init .* holds a x152_32x4d model"):
+        common.init_model(str(tmp_path / "x152_32x4d.pt"), "x152", "r50")
+    assert "x152_32x4d: ResNeXt-152 32x4d" in flag_helps(parser_of(pretrain))["--model"]

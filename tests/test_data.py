@@ -206,6 +206,39 @@ def test_mlm_masking_statistics(tmp_path):
     assert (none == data.IGNORE).all()  # prob 0: MLM switched off (--tasks itm)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 20])
+def test_mask_rate_with_and_without_the_forced_mask(n, tmp_path):
+    """Short captions (Visual Genome phrases): forcing one masked piece per caption raises the real
+    rate to p + (1 - p)**n / n (n = 5: 23.9%; n = 1: 100%); --no-mask-at-least-one keeps it at p for
+    every length, and a caption draws nothing with probability (1 - p)**n. 20,000 captions each:
+    the bounds are 5 standard errors wide."""
+    vocab, n_special = write_masking_vocab(tmp_path / "vocab.txt")
+    tok = data.Tokenizer(vocab)
+    ids = np.array([tok.cls_id] + list(range(n_special, n_special + n)) + [tok.sep_id])
+    p, trials = 0.15, 20000
+    for at_least_one, rate, empty in ((True, p + (1 - p) ** n / n, 0.0), (False, p, (1 - p) ** n)):
+        rng = np.random.default_rng(n)
+        counts = np.array([(data.mask_tokens(ids, rng, tok, p, at_least_one)[1] != data.IGNORE).sum()
+                           for _ in range(trials)])
+        per_piece = counts.sum() / (trials * n)
+        assert abs(per_piece - rate) < 5 * np.sqrt(p * (1 - p) / (trials * n)) + 1e-9, (at_least_one, per_piece, rate)
+        assert abs((counts == 0).mean() - empty) < 5 * np.sqrt(empty * (1 - empty) / trials) + 1e-9
+    assert p + (1 - p) ** 5 / 5 == pytest.approx(0.2387, abs=1e-4)
+
+
+def test_pretrain_pairs_pass_the_masking_rule_on(root):
+    """PretrainPairs (pretrain.py's --mask-at-least-one / --no-mask-at-least-one) applies the rule:
+    at a tiny rate every caption has its one forced masked piece, or none at all."""
+    tok = data.Tokenizer(os.path.join(root, "vocab.txt"))
+    index = data.caption_index("coco_vg", root, "train", tok)
+    for at_least_one, expected in ((True, 1), (False, 0)):
+        pairs = data.PretrainPairs(index, tok, 32, 64, itm_neg_prob=0.0, mask_prob=1e-9, captions_per_image=2,
+                                   mask_at_least_one=at_least_one)
+        masked = [sum(label != data.IGNORE for label in pair["mlm_labels"]) for i in range(len(index))
+                  for pair in pairs[0, i]["pairs"]]
+        assert masked == [expected] * (2 * len(index))
+
+
 def test_mlm_random_replacement_never_draws_special_tokens(tmp_path):
     """Every chosen piece of long captions, 20,000 random replacements: none is a special token,
     with the special tokens spread through the vocabulary (BERT's [unusedN] sit at ids 1-998)."""

@@ -75,6 +75,20 @@ def test_two_processes_match_one(corpus, tmp_path):
     assert max((wa[k] - wb[k]).abs().max().item() for k in params) < 1e-5
 
 
+def test_cache_dir_and_strict_masking_reach_the_run(corpus, tmp_path):
+    """--cache-dir holds the caption index of both splits; --no-mask-at-least-one at a tiny
+    --mask-prob leaves every caption unmasked, so the MLM loss is exactly 0 (with the forced piece
+    it never is)."""
+    out, cache = str(tmp_path / "run"), tmp_path / "cache"
+    pretrain.main(small_run_args(corpus, out, cache_dir=cache, tasks="mlm", mask_prob=1e-9, max_steps=2)
+                  + ["--no-mask-at-least-one"])
+    assert sorted(p.name.split("-")[1] for p in cache.iterdir()) == ["train", "val"]
+    assert [mlm for mlm, _ in read_losses(out)] == [0.0, 0.0]
+    forced = str(tmp_path / "forced")
+    pretrain.main(small_run_args(corpus, forced, cache_dir=cache, tasks="mlm", mask_prob=1e-9, max_steps=1))
+    assert read_losses(forced)[0][0] > 0
+
+
 def test_impossible_batch_split_fails_before_work(corpus, tmp_path):
     with pytest.raises(SystemExit, match="not a multiple of --batch-size"):
         pretrain.main(small_run_args(corpus, str(tmp_path / "x"), global_batch=12, batch_size=8))

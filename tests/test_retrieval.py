@@ -216,6 +216,43 @@ def test_hard_negative_gradient_reaches_exactly_the_hardest():
     assert theta.grad[candidates[:, 0]].lt(0).all()  # the ground truth is pushed up
 
 
+def test_hard_negatives_are_chosen_in_eval_mode():
+    """With dropout, the choosing pass (no gradient) runs the model in eval mode: the negatives
+    trained against are the eval-mode ranking's hardest, not those one dropout draw favoured. The
+    pass with gradient keeps training mode, and a submodule kept in eval mode (retrieval's frozen
+    CNN) is still in eval mode afterwards."""
+    torch.manual_seed(0)
+    B, C, num_hard = 6, 21, 5
+    net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(64, 1))
+    frozen = torch.nn.BatchNorm1d(8)  # stands for the frozen CNN: eval mode inside a model in training mode
+    model = torch.nn.ModuleDict({"net": net, "frozen": frozen}).train()
+    frozen.eval()
+    features = torch.randn(B * C, 8)
+    candidates = torch.randperm(B * C).view(B, C)
+    calls = []
+
+    def score(rows):  # (n,) -> (n,)
+        calls.append((rows.clone(), net.training, frozen.training, torch.is_grad_enabled()))
+        return net(frozen(features[rows])).squeeze(-1)
+    with torch.no_grad():
+        model.eval()
+        ranked = score(candidates.flatten()).view(B, C)  # the eval-mode scores
+        noisy = [net.train()(frozen(features[candidates.flatten()])).view(B, C) for _ in range(3)]  # dropout on
+    model.train()
+    frozen.eval()
+    calls.clear()
+    hard_negative_loss(score, candidates, num_hard, model).backward()
+    (chosen_rows, *choosing), (trained_rows, *training) = calls
+    assert choosing == [False, False, False] and training == [True, False, True]
+    assert model.training and net.training and net[2].training and not frozen.training  # modes restored
+    hardest = ranked[:, 1:].topk(num_hard, dim=1).indices + 1  # (B, num_hard) columns: the eval-mode argmax
+    expected = candidates.gather(1, torch.cat([torch.zeros_like(hardest[:, :1]), hardest], dim=1))
+    assert torch.equal(trained_rows.view(B, -1), expected)
+    # the test has teeth: with dropout on, the choice would have differed
+    assert any(not torch.equal((s[:, 1:].topk(num_hard, dim=1).indices + 1).sort(1).values, hardest.sort(1).values)
+               for s in noisy)
+
+
 # -----------------------------------------------------------------------------
 # Fine-tuning
 

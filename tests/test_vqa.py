@@ -144,6 +144,107 @@ def test_finetune_improves_and_checkpoint_round_trip(corpus, pretrained, tmp_pat
     assert all(p["answer"] in state["answers"] for p in submission)
 
 
+def test_final_run_trains_on_all_of_train_and_val_and_writes_the_submissions(corpus, pretrained, tmp_path,
+                                                                              monkeypatch, capsys):
+    """--train-split trainval_all --eval-split none, the paper's setting for test-dev / test-std:
+    every train and val question is trained on (minival included), nothing is scored or selected
+    during the run, final.pt holds the last step, and the two submission files answer every
+    test2015 question in the file's order, as evaluate.py vqa --split test-dev does from final.pt.
+    Without the test questions file the run still trains and writes final.pt, and says why there
+    is no submission."""
+    made, predicted = [], []
+
+    class Recorded(data.VQAQuestions):
+        def __init__(self, root, questions, *args, **kwargs):
+            super().__init__(root, questions, *args, **kwargs)
+            made.append(set(self.question_ids.tolist()))
+    monkeypatch.setattr(data, "VQAQuestions", Recorded)
+
+    def predict(*args, **kwargs):
+        predicted.append(len(args[1].dataset))
+        return evaluate.predict_vqa(*args, **kwargs)
+    monkeypatch.setattr(finetune_vqa, "predict_vqa", predict)
+    out = str(tmp_path / "final")
+    result = finetune_vqa.main(run_args(corpus, pretrained, out, train_split="trainval_all", eval_split="none",
+                                        max_steps=3))
+    ids = lambda qs: {q["question_id"] for q in qs}  # noqa: E731
+    train, val = data.read_vqa(corpus, "train"), data.read_vqa(corpus, "val")
+    minival, _ = data.read_vqa(corpus, "minival", minival_images=100)
+    with open(os.path.join(corpus, "vqa/v2_OpenEnded_mscoco_test2015_questions.json")) as f:
+        test_ids = [q["question_id"] for q in json.load(f)["questions"]]
+    assert minival and made[0] == ids(train[0]) | ids(val[0])  # every val question trained on, minival's too
+    assert made[1:] == [set(test_ids)] and predicted == [len(test_ids)]  # no held-out set: only the test answers
+    state = checkpoint.load_checkpoint(result["final"])
+    assert result["step"] == state["step"] == 3 and state["task"] == "vqa"
+    assert not os.path.exists(os.path.join(out, "best.pt")) and os.path.exists(os.path.join(out, "final.pt"))
+    # the minival run's answer vocabulary: all of train + val
+    assert state["answers"] == data.vqa_answer_vocab(train[1] + val[1], min_count=1)
+    for split in ("test-dev", "test"):
+        assert result[split] == os.path.join(out, f"vqa_{split}_submission.json")
+        with open(result[split]) as f:
+            submission = json.load(f)
+        assert [p["question_id"] for p in submission] == test_ids
+        assert all(p["answer"] in state["answers"] for p in submission)
+    again = evaluate.main(["vqa", f"--checkpoint={result['final']}", f"--data-root={corpus}", "--split=test-dev",
+                           f"--out={tmp_path / 'again.json'}", "--num-workers=0", "--dtype=fp32"])
+    with open(again["submission"]) as f, open(result["test-dev"]) as g:
+        assert json.load(f) == json.load(g)
+    # a root without the test questions: final.pt, no submission, and a line that says so
+    import shutil
+    root = tmp_path / "root"
+    shutil.copytree(corpus, root, ignore=shutil.ignore_patterns(".pixelbert_cache", "*test2015_questions.json"))
+    capsys.readouterr()
+    result = finetune_vqa.main(run_args(str(root), pretrained, str(tmp_path / "no_test"), train_split="trainval_all",
+                                        eval_split="none", max_steps=1))
+    assert set(result) == {"final", "step"} and os.path.exists(result["final"])
+    assert "v2_OpenEnded_mscoco_test2015_questions.json not found" in capsys.readouterr().out
+
+
+def test_final_run_refuses_a_held_out_split_it_trains_on(corpus, pretrained, tmp_path):
+    with pytest.raises(SystemExit, match="--eval-split minival: --train-split trainval_all trains on every val"):
+        finetune_vqa.main(run_args(corpus, pretrained, str(tmp_path / "x"), train_split="trainval_all"))
+
+
+def test_fold_batchnorm_trains_as_the_plain_model(corpus, tmp_path, monkeypatch):
+    """--fold-batchnorm on a model whose BatchNorm is fixed (norm "frozen", as r50 / x152): the
+    same losses, the same checkpoint keys and, after SGD steps on the CNN, the same CNN weights as
+    without it (the gradients reach the convolutions through the folded path alike)."""
+    from model import FrozenBatchNorm2d
+    tokenizer = data.Tokenizer(os.path.join(corpus, "vocab.txt"))
+    torch.manual_seed(0)
+    model = PixelBert(PixelBertConfig.tiny(vocab_size=tokenizer.vocab_size, norm="frozen"))
+    with torch.no_grad():  # statistics that are not the identity, so that folding has something to do
+        for m in model.cnn.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    path = str(tmp_path / "pre.pt")
+    checkpoint.save_weights({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                             "vocab": tokenizer.vocab_tokens(), "task": "pretrain"}, path)
+    folded_models, fold_frozen_batchnorm = [], finetune_vqa.fold_frozen_batchnorm
+
+    def record_fold(model):  # the flag really folds
+        folded_models.append(fold_frozen_batchnorm(model))
+        return folded_models[-1]
+    monkeypatch.setattr(finetune_vqa, "fold_frozen_batchnorm", record_fold)
+    runs = {}
+    for fold in (False, True):  # the Transformer held still (lr 1e-9): AdamW would magnify rounding
+        out = str(tmp_path / f"fold_{fold}")
+        finetune_vqa.main(run_args(corpus, path, out, max_steps=2, epochs=1, lr=1e-9, cnn_lr=0.1, cnn_optimizer="sgd")
+                          + ["--fold-batchnorm" if fold else "--no-fold-batchnorm"])
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            runs[fold] = ([json.loads(line)["loss"] for line in f if '"loss"' in line],
+                          checkpoint.load_checkpoint(checkpoint.step_checkpoints(out)[-1])["model"])
+    (plain_losses, plain), (folded_losses, folded) = runs[False], runs[True]
+    assert len(folded_models) == 1 and type(folded_models[0].cnn.conv1).__name__ == "FoldedConv2d"
+    assert folded_losses == pytest.approx(plain_losses, rel=1e-4) and len(plain_losses) == 2
+    assert folded.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(folded[name], plain[name], atol=1e-4, rtol=1e-3)  # rounding, after a 0.1 lr
+    conv = "cnn.layer1.0.conv1.weight"
+    assert (plain[conv] - model.state_dict()[conv]).abs().max() > 1e-3  # the CNN did train
+
+
 def test_cnn_lr_zero_keeps_the_cnn_fixed(corpus, pretrained, tmp_path):
     """--cnn-lr 0 (the demo's setting) trains the Transformer and head only: the CNN's weights
     come out as they went in: they take no gradient and get no optimiser (which the old lr-0
