@@ -4,14 +4,14 @@ true or false of a pair of images. (sentence, left image) and (sentence, right i
 the model as two rows of one batch; their two [CLS] vectors, concatenated, go through an MLP to
 two logits (false, true), trained with cross-entropy.
 
-    python finetune_nlvr.py     # demo: fine-tunes runs/demo_pretrain/final.pt (pre-training it first if absent)
+    python3 finetune_nlvr.py    # demo: fine-tunes runs/demo_pretrain/final.pt (run python3 pretrain.py first)
     torchrun --nproc_per_node=8 finetune_nlvr.py --data nlvr2 --data-root /datasets \
-        --init runs/pretrain/final.pt --batch-size 16
+        --init runs/pretrain_r50/final.pt --batch-size 16
 
 Reads top to bottom like finetune_vqa.py: config -> processes -> data -> model -> optimisers ->
 loop (dev accuracy and consistency each epoch, best checkpoint kept) -> the best epoch's figures.
 SIGTERM / SIGUSR1 finish the step in flight, write a checkpoint and exit with status 75;
-the same command with --resume continues exactly (README: Reliability).
+the same command with --resume continues exactly (docs/reliability.md).
 """
 
 import os
@@ -154,7 +154,7 @@ def main(argv=None):
     if cfg.channels_last:
         raw_model.cnn.to(memory_format=torch.channels_last)
     optimizers = make_optimizers(raw_model, cfg.cnn_lr, cfg.cnn_momentum, cfg.cnn_weight_decay, cfg.lr,
-                                 cfg.weight_decay, fused=ddp.device.type == "cuda" or None,
+                                 cfg.weight_decay, fused=True,
                                  cnn_optimizer=cfg.cnn_optimizer)
     scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
     state = checkpoint.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}

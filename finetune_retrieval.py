@@ -4,17 +4,15 @@ each (image, caption) pair; for each image, its ground-truth caption and 20 capt
 images are scored, and the ground truth is ranked against the 5 highest-scoring negatives by
 softmax cross-entropy, so gradient flows only through those 6. The CNN is frozen.
 
-    python finetune_retrieval.py      # demo: fine-tunes runs/demo_pretrain/final.pt on the demo's Flickr30K files
+    python3 finetune_retrieval.py     # demo: fine-tunes runs/demo_pretrain/final.pt on the demo's Flickr30K files
     torchrun --nproc_per_node=8 finetune_retrieval.py --data flickr30k --data-root /datasets \
-        --init runs/pretrain/final.pt
+        --init runs/pretrain_r50/final.pt
 
 Reads top to bottom like finetune_vqa.py: config -> processes -> data -> model -> optimiser ->
 loop (validation recall each epoch, best checkpoint kept) -> test recall of the best checkpoint.
 SIGTERM / SIGUSR1 finish the step in flight, write a checkpoint and exit with status 75;
-the same command with --resume continues exactly (README: Reliability).
-The full-protocol scoring (every image against every caption) is here too, as functions that
-evaluate.py and bench.py call: encode_images (CNN once per image, cached), score_images (the
-transformer over batches of pairs) and retrieval_scores (both, sharded over processes).
+the same command with --resume continues exactly (docs/reliability.md).
+The full-protocol scoring (every image against every caption) is evaluate.retrieval_scores.
 """
 
 import os
@@ -167,7 +165,7 @@ def main(argv=None):
     if cfg.channels_last:
         raw_model.cnn.to(memory_format=torch.channels_last)
     _, adamw = make_optimizers(raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               fused=ddp.device.type == "cuda" or None)
+                               fused=True)
     optimizers = [adamw]
     trained = [p for p in raw_model.parameters() if p.requires_grad]  # clipped together
     scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")

@@ -3,14 +3,14 @@ Pixel-BERT fine-tuning on VQA 2.0 (paper 4.2): [CLS] -> MLP -> a score per answe
 vocabulary, binary cross-entropy against soft targets (each answer's official VQA accuracy
 given the ten human answers).
 
-    python finetune_vqa.py      # demo: fine-tunes runs/demo_pretrain/final.pt (pre-training it first if absent)
+    python3 finetune_vqa.py    # demo: fine-tunes runs/demo_pretrain/final.pt (run python3 pretrain.py first)
     torchrun --nproc_per_node=8 finetune_vqa.py --data vqa --data-root /datasets \
-        --init runs/pretrain/final.pt --batch-size 32
+        --init runs/pretrain_r50/final.pt --batch-size 32
 
 Reads top to bottom like pretrain.py: config -> processes -> data -> model -> optimisers ->
 loop (with held-out evaluation each epoch, best checkpoint kept) -> final evaluation.
 SIGTERM / SIGUSR1 finish the step in flight, write a checkpoint and exit with status 75;
-the same command with --resume continues exactly (README: Reliability).
+the same command with --resume continues exactly (docs/reliability.md).
 """
 
 import json
@@ -197,7 +197,7 @@ def main(argv=None):
     if cfg.channels_last:
         raw_model.cnn.to(memory_format=torch.channels_last)
     optimizers = make_optimizers(raw_model, cfg.cnn_lr, cfg.cnn_momentum, cfg.cnn_weight_decay, cfg.lr,
-                                 cfg.weight_decay, fused=ddp.device.type == "cuda" or None,
+                                 cfg.weight_decay, fused=True,
                                  cnn_optimizer=cfg.cnn_optimizer)
     scaler = torch.amp.GradScaler(ddp.device.type, enabled=cfg.dtype == "fp16")
     state = checkpoint.resume(cfg.out_dir, raw_model, optimizers, scaler, asdict(cfg)) if cfg.resume else {}
