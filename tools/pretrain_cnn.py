@@ -43,7 +43,7 @@ class Config:
     num_workers: int = 1  # DataLoader processes (0: load in the training process)
     skip_bad_images: bool = False  # report, count and skip unreadable images instead of stopping
     # model
-    model: Literal["tiny", "r50", "x152"] = "tiny"  # the Pixel-BERT preset whose CNN is trained
+    model: Literal["tiny", "r50", "x152", "x152_32x4d"] = "tiny"  # the Pixel-BERT preset whose CNN is trained
     # optimisation
     epochs: float = 5  # passes over the training images
     batch_size: int = 64  # images per step
