@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import signal
 
 import pytest
 import torch
@@ -11,6 +12,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # the tests that need it into skips, and a green run would prove nothing about them.
 CI = os.environ.get("CI", "").lower() == "true"
 _skipped = []
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """The training scripts install SIGTERM/SIGUSR1 handlers when a test runs them in-process; every
+    test gives pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -46,13 +45,6 @@ def flags(**args):
 def corpus(tmp_path_factory):
     return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("catalogue") / "demo", seed=0, scale=0.02))
 
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def pretrain_flags(root, out, **kw):

@@ -19,21 +19,12 @@ def vqa_score_cli(paths, *options):
                           f"--annotations={annotations}", *options])
 
 
-def assert_within(ours, theirs, tolerance=0.01):
-    assert ours.keys() == theirs.keys() == {"overall", "perAnswerType", "perQuestionType"}
-    assert ours["overall"] == pytest.approx(theirs["overall"], abs=tolerance + 1e-9)
-    for group in ("perAnswerType", "perQuestionType"):
-        assert ours[group].keys() == theirs[group].keys()
-        for key in ours[group]:
-            assert ours[group][key] == pytest.approx(theirs[group][key], abs=tolerance + 1e-9), (group, key)
-
-
 @pytest.mark.parametrize("seed", range(2))
 def test_vqa_score_follows_the_current_tool_by_default(tmp_path, seed, capsys):
     questions, annotations, predictions = oracle.adversarial_files(100 + seed)
     paths = oracle.write_files(tmp_path, questions, annotations, predictions)
     result = vqa_score_cli(paths)
-    assert_within(result, oracle.official_score(predictions, annotations))
+    oracle.assert_within(result, oracle.official_score(predictions, annotations))
     assert json.loads(capsys.readouterr().out) == result  # what it prints is what it returns
     assert vqa_score_cli(paths, "--vqa-rules=current") == result
 

@@ -157,15 +157,6 @@ def test_metrics_imports_only_the_standard_library():
 # Randomised adversarial files: the current rules against the oracle, 2017 against the tool
 
 
-def assert_within(ours, theirs, tolerance=0.01):
-    assert ours.keys() == theirs.keys() == {"overall", "perAnswerType", "perQuestionType"}
-    assert ours["overall"] == pytest.approx(theirs["overall"], abs=tolerance + 1e-9)
-    for group in ("perAnswerType", "perQuestionType"):
-        assert ours[group].keys() == theirs[group].keys()
-        for key in ours[group]:
-            assert ours[group][key] == pytest.approx(theirs[group][key], abs=tolerance + 1e-9), (group, key)
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_current_rules_match_the_oracle(tmp_path, seed):
     questions, annotations, predictions = oracle.adversarial_files(seed)
@@ -174,7 +165,7 @@ def test_current_rules_match_the_oracle(tmp_path, seed):
         got = vqa_accuracy(pred["answer"], ann["answers"])
         assert got == pytest.approx(expected), (pred["answer"], [h["answer"] for h in ann["answers"]])
     ours = metrics.score_files(*oracle.write_files(tmp_path, questions, annotations, predictions))
-    assert_within(ours, oracle.official_score(predictions, annotations))
+    oracle.assert_within(ours, oracle.official_score(predictions, annotations))
     assert len(ours["perAnswerType"]) == 3 and len(ours["perQuestionType"]) == 5
     assert 5 < ours["overall"] < 95  # the draw mixes right, wrong and partly right answers
     older = metrics.score_files(*oracle.write_files(tmp_path, questions, annotations, predictions), rules="2017")

@@ -33,14 +33,6 @@ def corpus(tmp_path_factory):
     return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("reliability") / "demo", seed=0, scale=0.05))
 
 
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """The scripts install SIGTERM/SIGUSR1 handlers; give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
 
 def flags(**args):
     """--kebab-case flags; booleans as --name / --no-name."""

@@ -18,6 +18,8 @@ The rules, for each question with its human answers and the prediction:
 
 from fractions import Fraction
 
+import pytest
+
 PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
 PERIOD_LIMIT = 32
 NUMBERS = dict(zip("none zero one two three four five six seven eight nine ten".split(),
@@ -252,3 +254,14 @@ def lavis_score(tool, predictions_path, questions_path, annotations_path):
     evaluator = VQAEval(vqa, vqa.loadRes(predictions_path, questions_path), n=2)
     evaluator.evaluate()
     return evaluator.accuracy
+
+
+def assert_within(ours, theirs, tolerance=0.01):
+    """Two accuracy dicts (overall, per answer type, per question type) equal within `tolerance`
+    percentage points: 0.01, the tools' rounding to 2 decimals."""
+    assert ours.keys() == theirs.keys() == {"overall", "perAnswerType", "perQuestionType"}
+    assert ours["overall"] == pytest.approx(theirs["overall"], abs=tolerance + 1e-9)
+    for group in ("perAnswerType", "perQuestionType"):
+        assert ours[group].keys() == theirs[group].keys()
+        for key in ours[group]:
+            assert ours[group][key] == pytest.approx(theirs[group][key], abs=tolerance + 1e-9), (group, key)
