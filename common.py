@@ -395,13 +395,6 @@ def lr_factor(step, warmup_steps, warmup_start, milestones):
     return factor
 
 
-def set_lr(optimizers, factor):
-    for opt in filter(None, optimizers):
-        for group in opt.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-            group["lr"] = group["initial_lr"] * factor
-
-
 def schedule(epochs, max_steps, lr_milestones, steps_per_epoch):
     """Total optimiser steps (--max-steps caps --epochs) and the lr milestones, given in epochs
     ("25,35"), converted to steps."""

@@ -131,6 +131,9 @@ def main(argv=None):
     final = cfg.eval_split == "none"  # the final run: a fixed schedule, final.pt and the test submissions
     ddp = common.setup_distributed(cfg.device)
     cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
+    # bf16 / fp16: autocast runs the matrix products in half precision; reductions and losses stay in fp32
+    autocast = nullcontext() if cfg.dtype == "fp32" else torch.autocast(
+        ddp.device.type, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float16)
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
     accum, images_per_batch = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size,
@@ -238,12 +241,15 @@ def main(argv=None):
                 bad_images.note(b)
             num_questions = common.all_reduce_sum(torch.tensor(sum(len(b["question_id"]) for b in micro),
                                                                device=ddp.device, dtype=torch.float))
-            common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
+            # the learning rate: a linear warm-up, then / 10 at each milestone; initial_lr is each group's base rate
+            lr_scale = common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones)
+            for group in [g for opt in filter(None, optimizers) for g in opt.param_groups]:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_scale
             totals = torch.zeros(1, device=ddp.device)  # the loss summed over micro-batches and processes
             for i, batch in enumerate(micro):
                 # DDP all-reduces the gradients in backward(); the earlier micro-batches skip it
                 with model.no_sync() if ddp.world_size > 1 and i < accum - 1 else nullcontext():
-                    with common.autocast(ddp.device, cfg.dtype):
+                    with autocast:
                         _, pooled = model(batch["input_ids"], batch["text_mask"], batch["images"], batch["image_mask"],
                                           image_index=batch["image_index"])
                         loss = vqa_loss(raw_model, pooled, batch["targets"], num_questions)

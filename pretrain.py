@@ -134,6 +134,9 @@ def main(argv=None):
         raise common.refuse("tasks", cfg.tasks, "choose mlm,itm, mlm or itm")
     ddp = common.setup_distributed(cfg.device)
     cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
+    # bf16 / fp16: autocast runs the matrix products in half precision; reductions and losses stay in fp32
+    autocast = nullcontext() if cfg.dtype == "fp32" else torch.autocast(
+        ddp.device.type, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float16)
     common.print0(f"config: {asdict(cfg)}")
     dataset = "coco_vg" if cfg.data == "demo" else cfg.data  # the demo corpus is written in these formats
     accum, images_per_batch = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size,
@@ -227,7 +230,7 @@ def main(argv=None):
         label_hist = torch.zeros(tokenizer.vocab_size, device=ddp.device)
         for batch in eval_loader:
             batch = common.batch_to_device(batch, ddp.device, cfg.channels_last, raw_model.config)
-            with common.autocast(ddp.device, cfg.dtype):
+            with autocast:
                 pixels = raw_model.encode_image(batch["images"], batch["image_mask"])  # one CNN pass, two texts
                 hidden, _ = raw_model(batch["mlm_ids"], batch["text_mask"], pixels=pixels)
                 labels = batch["mlm_labels"]
@@ -270,12 +273,15 @@ def main(argv=None):
             num_masked, num_pairs = common.all_reduce_sum(torch.stack([
                 sum((b["mlm_labels"] != data.IGNORE).sum() for b in micro),
                 torch.tensor(sum(len(b["itm_labels"]) for b in micro), device=ddp.device)]))
-            common.set_lr(optimizers, common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones))
+            # the learning rate: a linear warm-up, then / 10 at each milestone; initial_lr is each group's base rate
+            lr_scale = common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones)
+            for group in [g for opt in filter(None, optimizers) for g in opt.param_groups]:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_scale
             totals = torch.zeros(2, device=ddp.device)  # MLM, ITM summed over micro-batches and processes
             for i, batch in enumerate(micro):
                 # DDP all-reduces the gradients in backward(); the earlier micro-batches skip it
                 with model.no_sync() if ddp.world_size > 1 and i < accum - 1 else nullcontext():
-                    with common.autocast(ddp.device, cfg.dtype):
+                    with autocast:
                         hidden, pooled = model(batch["mlm_ids"], batch["text_mask"], batch["images"],
                                                batch["image_mask"], image_index=batch["image_index"],
                                                sample_pixel_count=cfg.pixel_samples or None)

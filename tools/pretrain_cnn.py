@@ -107,7 +107,8 @@ def main(argv=None):
         for batch in train_loader:
             bad_images.note(batch)
             batch = common.batch_to_device(batch, device, cfg.channels_last)
-            common.set_lr([optimizer], 1 - step / total_steps)
+            for group in optimizer.param_groups:  # linear decay to 0
+                group["lr"] = cfg.lr * (1 - step / total_steps)
             loss = F.cross_entropy(logits(batch), batch["labels"])
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
