@@ -238,6 +238,15 @@ def checkpoint_model(state, device, extra_heads=()):
     return model.to(device).eval(), data.Tokenizer(state["vocab"], state["config"]["max_text_len"])
 
 
+def evaluation_setup(state, device, dtype, extra_heads=()):
+    """What a checkpoint evaluation starts with: the process group (one process, or each of
+    torchrun's), the resolved --dtype, and the checkpoint's model (checkpoint_model) in
+    channels-last layout, with its tokenizer."""
+    ddp = common.setup_distributed(device)
+    model, tokenizer = checkpoint_model(state, ddp.device, extra_heads)
+    return ddp, common.resolve_dtype(dtype, ddp.device), model.to(memory_format=torch.channels_last), tokenizer
+
+
 # -----------------------------------------------------------------------------
 # Evaluating a fine-tuned VQA checkpoint
 
@@ -260,10 +269,7 @@ def evaluate_vqa_checkpoint(checkpoint, data_root, split, out=None, batch_size=3
         if [a for a, _ in given] != answers:
             raise EvaluationError(f"{ans2label} does not match the answer vocabulary saved in {checkpoint}; "
                                   f"use the ans2label.json of the run that wrote this checkpoint")
-    ddp = common.setup_distributed(device)
-    dtype = common.resolve_dtype(dtype, ddp.device)
-    model, tokenizer = checkpoint_model(state, ddp.device)
-    model.to(memory_format=torch.channels_last)
+    ddp, dtype, model, tokenizer = evaluation_setup(state, device, dtype)
     minival_images = minival_images or state["config"]["minival_images"]
     questions, annotations = data.read_vqa(data_root, split, minival_images)
     sizes = state["config"]["image_min_size"], state["config"]["image_max_size"]
@@ -295,10 +301,7 @@ def evaluate_nlvr2_checkpoint(checkpoint, data_root, split, out=None, batch_size
     if state.get("task") != "nlvr":
         raise EvaluationError(f"{checkpoint}: not an NLVR2 checkpoint (task {state.get('task')!r}); "
                               f"use best.pt or a ckpt_*.pt from a finetune_nlvr.py run")
-    ddp = common.setup_distributed(device)
-    dtype = common.resolve_dtype(dtype, ddp.device)
-    model, tokenizer = checkpoint_model(state, ddp.device)
-    model.to(memory_format=torch.channels_last)
+    ddp, dtype, model, tokenizer = evaluation_setup(state, device, dtype)
     records = data.read_nlvr2(data_root, split)
     dataset = data.NLVR2Examples(data_root, records, tokenizer, state["config"]["image_min_size"],
                                  state["config"]["image_max_size"])
@@ -329,13 +332,10 @@ def evaluate_retrieval_checkpoint(checkpoint, data_root, dataset, split="test", 
     if "rank_head.weight" not in keys and "itm_head.weight" not in keys or "model_config" not in state:
         raise EvaluationError(f"{checkpoint}: neither a retrieval nor a pre-training checkpoint (no rank or ITM "
                               f"head); use best.pt from finetune_retrieval.py or final.pt from pretrain.py")
-    ddp = common.setup_distributed(device)
-    dtype = common.resolve_dtype(dtype, ddp.device)
     zero_shot = "rank_head.weight" not in keys
-    model, tokenizer = checkpoint_model(state, ddp.device, ("rank",) if zero_shot else ())
+    ddp, dtype, model, tokenizer = evaluation_setup(state, device, dtype, ("rank",) if zero_shot else ())
     if zero_shot:
         model.init_rank_head_from_itm()  # ITM's match log-odds ranks like its match probability
-    model.cnn.to(memory_format=torch.channels_last)
     entries = data.retrieval_entries(data_root, dataset, split)
     captions = data.RetrievalCaptions(entries[: max_images or None], tokenizer)
     sizes = state["config"]["image_min_size"], state["config"]["image_max_size"]
