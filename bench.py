@@ -169,7 +169,8 @@ def train_flops(c, images, H, W, texts, text_len, pixel_tokens, masked=0, answer
     h, w = -(-H // CNN_STRIDE), -(-W // CNN_STRIDE)
     K = -(-h // c.pixel_pool) * -(-w // c.pixel_pool)
     Hd = c.hidden_size
-    fwd = images * (cnn + 2 * channels * Hd * K)
+    projected = h * w if c.pixel_proj_first else K  # the 1x1 conv sees every cell, or the pooled ones
+    fwd = images * (cnn + 2 * channels * Hd * projected)
     fwd += texts * (transformer_flops(c, text_len + pixel_tokens) + 2 * Hd * Hd)  # + pooler
     if "mlm" in c.heads:
         fwd += masked * (2 * Hd * Hd + 2 * Hd * c.vocab_size)
@@ -294,12 +295,14 @@ class GluedBaseline(nn.Module):
             H = c.hidden_size
             self.vqa_head = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=c.layer_norm_eps),
                                           nn.Linear(2 * H, c.num_answers))
-        self.pool, self.config = c.pixel_pool, c  # our config describes the same computation
+        self.pool, self.proj_first, self.config = c.pixel_pool, c.pixel_proj_first, c  # ours: the same computation
 
     def forward(self, input_ids, text_mask, images, image_mask, image_index=None, sample_pixel_count=None):
         x = self.bert.embeddings(input_ids=input_ids)  # (B, T, H)
         fmap = self.cnn(images * image_mask[:, None].to(images.dtype))
-        tokens = self.proj(F.max_pool2d(fmap, self.pool, ceil_mode=True)).flatten(2).transpose(1, 2)
+        pool = lambda x: F.max_pool2d(x, self.pool, ceil_mode=True)  # noqa: E731
+        tokens = pool(self.proj(fmap)) if self.proj_first else self.proj(pool(fmap))
+        tokens = tokens.flatten(2).transpose(1, 2)
         tokens = tokens + self.type_embedding  # (B, K, H)
         stride = CNN_STRIDE * self.pool
         pixel_mask = image_mask[:, ::stride, ::stride].flatten(1)

@@ -440,8 +440,8 @@ def build_model(cfg, heads, vocab_size, num_answers=0, init_state=None):
         if state["model_config"]["vocab_size"] != vocab_size:
             raise SystemExit(f"{cfg.init} has {state['model_config']['vocab_size']} word pieces, this run's "
                              f"vocabulary {vocab_size}: pass the --vocab it was trained with")
-        model_cfg = PixelBertConfig(**{**state["model_config"], "heads": heads, "num_answers": num_answers,
-                                       "dropout": cfg.dropout})
+        model_cfg = PixelBertConfig.saved(state["model_config"], heads=heads, num_answers=num_answers,
+                                          dropout=cfg.dropout)
         model = PixelBert(model_cfg)
         print0(copy_weights(model, state["model"], cfg.init))
     else:

@@ -229,8 +229,8 @@ def checkpoint_model(state, device, extra_heads=()):
     """A loaded checkpoint's model (its own config and weights) on `device` in eval mode, and the
     tokenizer of the vocabulary saved with it. extra_heads: heads the checkpoint has no weights
     for, added freshly initialised (every other tensor must still fit)."""
-    model = PixelBert(PixelBertConfig(**{**state["model_config"],
-                                         "heads": tuple(state["model_config"]["heads"]) + tuple(extra_heads)}))
+    model = PixelBert(PixelBertConfig.saved(state["model_config"],
+                                            heads=tuple(state["model_config"]["heads"]) + tuple(extra_heads)))
     if extra_heads:
         copy_weights(model, state["model"], "checkpoint")
     else:
@@ -458,7 +458,7 @@ def image_text_batch(image, text, tokenizer, state, device):
     """One (image, text) pair as a batch of one, prepared as Inference.batch prepares it."""
     sizes = state["config"]["image_min_size"], state["config"]["image_max_size"]
     batch = data.collate(data.image_text_examples([image], [text], tokenizer, *sizes))
-    return common.batch_to_device(batch, device, False, PixelBertConfig(**state["model_config"]))
+    return common.batch_to_device(batch, device, False, PixelBertConfig.saved(state["model_config"]))
 
 
 def run_pooled(model, batch):

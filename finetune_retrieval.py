@@ -60,8 +60,8 @@ class Config:
     dropout: float = 0.1  # BERT's dropout probability (hidden states and attention)
     pixel_pool: int = 2  # without --init: cells of the stride-32 feature map max-pooled into a pixel token, a
     #  side (paper: 2)
-    pixel_proj_first: bool = False  # the 1x1 projection on every stride-32 cell, then the pooling (the paper's
-    #  figure) instead of pooling first (SOHO's order, pixel-pool^2 times cheaper; with --init, the checkpoint's)
+    pixel_proj_first: bool = True  # without --init: the 1x1 projection on every stride-32 cell, then the pooling
+    #  (the paper's figure); --no-pixel-proj-first pools first (SOHO's order, pixel-pool^2 fewer cells to project)
     visual_layernorm: bool = False  # without --init: LayerNorm + dropout on pixel tokens (not in the paper)
     visual_position: bool = False  # without --init: learned row and column embeddings of pixel tokens (not in
     #  the paper)

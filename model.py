@@ -62,10 +62,11 @@ class PixelBertConfig:
     visual_layernorm: bool = False  # LayerNorm + dropout on the pixel tokens
     visual_position: bool = False  # learned row + column embeddings for the pixel grid
     max_pixel_grid: int = 32  # rows/columns the position table covers (1333 / 64 -> 21; 42 with pixel_pool 1)
-    # The paper's Fig. 2 draws CNN -> conv -> pooling; its size is not given. By default the map is
-    # pooled first and then projected 2048 -> hidden by the 1x1 conv (the authors' follow-up SOHO),
-    # pixel_pool**2 times cheaper; True projects every stride-32 cell first, as the figure reads.
-    pixel_proj_first: bool = False
+    # The paper's Fig. 2 draws CNN -> conv -> pooling (the conv's size is not given): the 1x1 conv
+    # projects every stride-32 cell 2048 -> hidden, then the max-pool (the default). False pools
+    # first, as the authors' follow-up SOHO does: pixel_pool**2 fewer cells to project, a small part
+    # of the CNN's cost either way. With pixel_pool 1 the two orders are the same computation.
+    pixel_proj_first: bool = True
     # Task heads built on top of the trunk: any of "mlm", "itm", "vqa", "nlvr", "rank"
     heads: tuple = ("mlm", "itm")
     num_answers: int = 0  # VQA answer vocabulary size (needs "vqa" in heads)
@@ -87,6 +88,13 @@ class PixelBertConfig:
         assert min(self.image_std) > 0 and self.image_scale > 0, "image_std and image_scale must be positive"
 
     INPUT_FIELDS = ("image_channels", "image_scale", "image_mean", "image_std")  # a class constant, not a field
+
+    @classmethod
+    def saved(cls, fields, **changes):
+        """The config a checkpoint saved (its "model_config" dict), with `changes`. A field the
+        checkpoint lacks takes the behaviour it was trained with, which is not always today's
+        default: checkpoints older than pixel_proj_first pooled first."""
+        return cls(**{"pixel_proj_first": False, **fields, **changes})
 
     @classmethod
     def r50(cls, **overrides):
@@ -456,9 +464,9 @@ class VisualEmbedding(nn.Module):
             self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, fmap):  # (B, C, h, w) stride-32 map -> (B, K, H), K = ceil(h/pool) * ceil(w/pool)
-        if self.proj_first:  # conv -> pool (pixel_proj_first: the paper's figure)
+        if self.proj_first:  # conv -> pool (the paper's figure, the default)
             x = F.max_pool2d(self.proj(fmap), self.pool, ceil_mode=True)  # (B, H, h', w')
-        else:  # pool -> conv (SOHO's order, the default)
+        else:  # pool -> conv (SOHO's order)
             x = self.proj(F.max_pool2d(fmap, self.pool, ceil_mode=True))  # (B, H, h', w')
         h, w = x.shape[-2:]
         if hasattr(self, "row_embeddings") and max(h, w) > self.max_grid:

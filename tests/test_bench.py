@@ -38,6 +38,7 @@ def losses(task, model, batch, cfg):
     ("pretrain", dict(cnn_depth=18), 2, 2),  # BasicBlock, pixel sampling, two captions per image
     ("vqa", dict(cnn_depth=50, cnn_groups=4, cnn_width_per_group=8), 1, 2),  # grouped Bottleneck (ResNeXt)
     ("pretrain", dict(cnn_depth=34), 1, 1),  # unpooled pixels, fewer tokens than samples
+    ("pretrain", dict(cnn_depth=18, pixel_proj_first=False), 1, 2),  # pooled before the projection
 ])
 def test_flop_count_matches_flop_counter(task, arch, per_image, pool):
     """train_flops against torch.utils.flop_counter on a real training step (forward + backward);

@@ -17,7 +17,7 @@ import finetune_nlvr
 import finetune_retrieval
 import finetune_vqa
 import pretrain
-from model import PixelBertConfig
+from model import PixelBert, PixelBertConfig
 from tools import pretrain_cnn, synthetic
 
 SCRIPTS = {"pretrain": pretrain, "vqa": finetune_vqa, "nlvr": finetune_nlvr, "retrieval": finetune_retrieval,
@@ -234,6 +234,21 @@ def test_section_comments_become_groups():
     assert sections["batch_size"][0] == "optimisation" and "4096 pairs" in sections["batch_size"][1]
     assert helps["data"].endswith("coco_vg: coco and vg (the paper's)")  # a help continued on the next lines
     assert isinstance(common.config_parser(pretrain.Config, pretrain.PRESETS), argparse.ArgumentParser)
+
+
+def test_pixel_order_flag(tmp_path):
+    """--pixel-proj-first (the default, the paper's order) reaches a model built without --init;
+    --no-pixel-proj-first pools first; an --init checkpoint keeps the order it was trained with."""
+    def built(*flags, init_state=None):
+        cfg = common.parse_config(pretrain.Config, pretrain.PRESETS,
+                                  ["--data-root", str(tmp_path / "none"), "--pixel-pool", "2", *flags])
+        return common.build_model(cfg, ("itm",), len(VOCAB), init_state=init_state).config
+
+    assert built().pixel_proj_first and not built("--no-pixel-proj-first").pixel_proj_first
+    pooled_first = PixelBert(PixelBertConfig.tiny(vocab_size=len(VOCAB), heads=("itm",), pixel_proj_first=False))
+    state = {"model": pooled_first.state_dict(), "model_config": dataclasses.asdict(pooled_first.config)}
+    torch.save(state, tmp_path / "pooled_first.pt")
+    assert not built("--init", str(tmp_path / "pooled_first.pt"), init_state=state).pixel_proj_first
 
 
 def test_fresh_position_table_covers_the_images(roots, tmp_path):

@@ -5,14 +5,17 @@ import subprocess
 import sys
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
-from model import (FoldedFrozenBatchNorm2d, FrozenBatchNorm2d, PixelBert, PixelBertConfig, ResNet, count_parameters,
-                   fold_frozen_batchnorm, load_bert, load_cnn, make_optimizers, read_state_dict, sample_pixels)
+from model import (FoldedFrozenBatchNorm2d, FrozenBatchNorm2d, PixelBert, PixelBertConfig, ResNet, VisualEmbedding,
+                   count_parameters, fold_frozen_batchnorm, load_bert, load_cnn, make_optimizers, read_state_dict,
+                   sample_pixels)
 
 
 def rel_err(a, b):
@@ -197,6 +200,40 @@ def test_sampling_only_in_training_mode():
     assert model(ids, mask, pixels=(tokens, pixel_mask), sample_pixel_count=5)[0].shape[1] == 12 + 5
     model.eval()
     assert model(ids, mask, pixels=(tokens, pixel_mask), sample_pixel_count=5)[0].shape[1] == 12 + 20
+
+
+@pytest.mark.parametrize("proj_first", [True, False])
+def test_pixel_branch_order(proj_first):
+    """Paper Fig. 2 reads CNN -> 1x1 conv -> pooling (pixel_proj_first, the default); False pools
+    first (SOHO's order). Each order recomputed here from the layer's own weights, on a map whose
+    sides do not divide by the pool (ceil_mode keeps the partial cells)."""
+    assert PixelBertConfig().pixel_proj_first  # the paper's order unless asked otherwise
+    visual = VisualEmbedding(PixelBertConfig.tiny(pixel_proj_first=proj_first), 64)
+    nn.init.normal_(visual.type_embedding)
+    fmap = torch.randn(2, 64, 5, 7)
+    conv = lambda x: F.conv2d(x, visual.proj.weight, visual.proj.bias)  # noqa: E731
+    pool = lambda x: F.max_pool2d(x, 2, ceil_mode=True)  # noqa: E731
+    expected = pool(conv(fmap)) if proj_first else conv(pool(fmap))  # (2, 128, 3, 4)
+    with torch.no_grad():
+        tokens = visual(fmap)
+    torch.testing.assert_close(tokens, expected.flatten(2).transpose(1, 2) + visual.type_embedding)
+    other = VisualEmbedding(PixelBertConfig.tiny(pixel_proj_first=not proj_first), 64)
+    other.load_state_dict(visual.state_dict())
+    with torch.no_grad():
+        assert (other(fmap) - tokens).abs().max() > 0.1  # the flag matters at pixel_pool 2 ...
+        same = [VisualEmbedding(PixelBertConfig.tiny(pixel_pool=1, pixel_proj_first=p), 64) for p in (True, False)]
+        same[1].load_state_dict(same[0].state_dict())
+        assert torch.equal(same[0](fmap), same[1](fmap))  # ... and is the same computation at pixel_pool 1
+
+
+def test_saved_config_keeps_its_pixel_order():
+    """A checkpoint's model_config builds the model it was trained as: one written before
+    pixel_proj_first existed pooled first, whatever today's default."""
+    fields = dataclasses.asdict(PixelBertConfig.tiny())
+    assert PixelBertConfig.saved(fields) == PixelBertConfig.tiny()
+    del fields["pixel_proj_first"]
+    assert not PixelBertConfig.saved(fields).pixel_proj_first
+    assert PixelBertConfig.saved(fields, heads=("itm",)).heads == ("itm",)
 
 
 def test_every_parameter_gets_a_gradient():
