@@ -296,7 +296,9 @@ def test_short_finetuning_improves_recall(demo_pretraining, tmp_path):
     demo pre-training (conftest.py) with a new ranking head, as when pre-training had no ITM or
     the run starts from BERT + CNN weights: R@1 on the 100 held-out test images must rise far
     above where the run started (chance: 1%). (From the ITM head, the demo's R@1 starts near
-    what its ambiguous captions allow, e.g. "There are two squares.", so R@1 barely moves.)"""
+    what its ambiguous captions allow, e.g. "There are two squares.", so R@1 barely moves.)
+    Measured with pre-training seeds 0, 1, 2 (fine-tuning seed + 1; this test is the first):
+    TR + IR R@1 0.2-0.8 -> 27.0-32.2, R-sum 11-35 -> 258-289."""
     root, run, _ = demo_pretraining
     state = checkpoint.load_checkpoint(os.path.join(run, "final.pt"))
     state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("itm_head.")}

@@ -113,6 +113,9 @@ def test_answer_vocab_and_soft_targets():
 
 @pytest.mark.slow
 def test_finetune_improves_and_checkpoint_round_trip(corpus, pretrained, tmp_path):
+    """Six epochs on the small corpus lift minival accuracy far above the untrained head's, and
+    best.pt holds what evaluate.py needs. Measured over seeds 0, 1, 2 (pre-training and
+    fine-tuning): 12.4-20.8 at the start, 60.0-63.6 at best; the test asks +10."""
     out = str(tmp_path / "vqa")
     start = finetune_vqa.main(run_args(corpus, pretrained, out, max_steps=1, lr=1e-9, cnn_lr=1e-9))
     best = finetune_vqa.main(run_args(corpus, pretrained, str(tmp_path / "vqa2"), max_steps=0, epochs=6, lr=2e-3,
