@@ -132,8 +132,7 @@ def main(argv=None):
     ddp = common.setup_distributed(cfg.device)
     cfg.dtype = common.resolve_dtype(cfg.dtype, ddp.device)
     # bf16 / fp16: autocast runs the matrix products in half precision; reductions and losses stay in fp32
-    autocast = nullcontext() if cfg.dtype == "fp32" else torch.autocast(
-        ddp.device.type, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float16)
+    autocast = common.autocast(ddp.device, cfg.dtype)  # one context, entered at every forward
     common.print0(f"config: {asdict(cfg)}")
     torch.manual_seed(cfg.seed + ddp.rank)
     accum, images_per_batch = common.batch_plan(cfg.global_batch, cfg.batch_size, ddp.world_size,
