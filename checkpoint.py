@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import all_reduce_sum, print0
+from common import print0
 from data import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -509,7 +509,8 @@ def check_step(step, out_dir, losses, grad_norm, scaler, preemption=None):
     before the update, naming the last good checkpoint. Returns (stop after this step, whether
     fp16's scaler will skip this update)."""
     signalled = torch.tensor(float(preemption is not None and preemption.signal is not None), device=losses.device)
-    signalled = all_reduce_sum(signalled)
+    if dist.is_initialized():
+        dist.all_reduce(signalled)  # a signal on any rank stops them all
     stop, finite_loss, finite_grad = torch.stack([signalled > 0, torch.isfinite(losses).all(),
                                                   torch.isfinite(grad_norm)]).tolist()
     if not finite_loss:

@@ -69,12 +69,6 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def all_reduce_sum(tensor):
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
-
-
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -526,10 +520,13 @@ class BadImages:
         self.messages = set()
 
     def note(self, batch):
+        """Prints the batch's new bad images and returns the batch without their list, so that a
+        loop can read its loader through map(bad_images.note, loader)."""
         for message in batch.pop("bad_images", []):
             if message not in self.messages:
                 self.messages.add(message)
                 print(f"--skip-bad-images: skipped {message}", flush=True)
+        return batch
 
     def report(self):
         """The number of distinct bad images seen by all processes (printed by rank 0)."""

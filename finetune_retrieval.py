@@ -214,15 +214,14 @@ def main(argv=None):
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, first)  # the data resumes mid-epoch exactly where it stopped
-        micro_batches = iter(loader)
+        micro_batches = map(bad_images.note, loader)  # --skip-bad-images: report what collate left out
         for _ in range(first, steps_per_epoch):
             checkpoint.seed_step(cfg.seed, ddp.rank, step)
             micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last, raw_model.config)
                      for _ in range(accum)]
-            for b in micro:
-                bad_images.note(b)
-            num_images = common.all_reduce_sum(torch.tensor(sum(len(b["images"]) for b in micro), device=ddp.device,
-                                                            dtype=torch.float))
+            num_images = torch.tensor(sum(len(b["images"]) for b in micro), device=ddp.device, dtype=torch.float)
+            if ddp.world_size > 1:
+                dist.all_reduce(num_images)
             # the learning rate: a linear warm-up, then / 10 at each milestone; initial_lr is each group's base rate
             lr_scale = common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones)
             for group in [g for opt in filter(None, optimizers) for g in opt.param_groups]:
@@ -247,7 +246,8 @@ def main(argv=None):
                     # DDP averages gradients over processes; the loss is a global mean already
                     scaler.scale(loss.sum() * ddp.world_size).backward()
                 totals += loss.detach()
-            common.all_reduce_sum(totals)
+            if ddp.world_size > 1:
+                dist.all_reduce(totals)  # summed over the processes, for the log and check_step
             for opt in optimizers:
                 scaler.unscale_(opt)  # fp16: clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip or float("inf"))

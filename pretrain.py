@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
 import checkpoint
 import common
@@ -240,8 +241,9 @@ def main(argv=None):
             counts += torch.stack([(predicted == labels[masked]).sum(), (itm_predicted == batch["itm_labels"]).sum(),
                                    batch["itm_labels"].sum(), labels.new_tensor(len(labels))]).float()
             label_hist += torch.bincount(labels[masked], minlength=tokenizer.vocab_size).float()
-        common.all_reduce_sum(counts)
-        common.all_reduce_sum(label_hist)
+        if ddp.world_size > 1:
+            dist.all_reduce(counts)
+            dist.all_reduce(label_hist)
         model.train()
         n_masked, n_pairs = max(label_hist.sum().item(), 1), counts[3].item()
         positives = counts[2].item() / n_pairs
@@ -259,19 +261,19 @@ def main(argv=None):
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, first)  # the data resumes mid-epoch exactly where it stopped
-        micro_batches = iter(loader)
+        micro_batches = map(bad_images.note, loader)  # --skip-bad-images: report what collate left out
         for _ in range(first, steps_per_epoch):
             # ---- one optimiser step: `accum` micro-batches on each process make the global batch
             checkpoint.seed_step(cfg.seed, ddp.rank, step)
             micro = [common.batch_to_device(next(micro_batches), ddp.device, cfg.channels_last, raw_model.config)
                      for _ in range(accum)]
-            for b in micro:
-                bad_images.note(b)
             # masked tokens and pairs of the whole global batch, each loss a mean over these (counted on the
             # device: the host does not wait for it)
-            num_masked, num_pairs = common.all_reduce_sum(torch.stack([
-                sum((b["mlm_labels"] != data.IGNORE).sum() for b in micro),
-                torch.tensor(sum(len(b["itm_labels"]) for b in micro), device=ddp.device)]))
+            counts = torch.stack([sum((b["mlm_labels"] != data.IGNORE).sum() for b in micro),
+                                  torch.tensor(sum(len(b["itm_labels"]) for b in micro), device=ddp.device)])
+            if ddp.world_size > 1:
+                dist.all_reduce(counts)
+            num_masked, num_pairs = counts
             # the learning rate: a linear warm-up, then / 10 at each milestone; initial_lr is each group's base rate
             lr_scale = common.lr_factor(step, cfg.warmup_steps, cfg.warmup_start, milestones)
             for group in [g for opt in filter(None, optimizers) for g in opt.param_groups]:
@@ -289,7 +291,8 @@ def main(argv=None):
                     # DDP averages gradients over processes; the losses are global means already
                     scaler.scale(losses.sum() * ddp.world_size).backward()
                 totals += losses.detach()
-            common.all_reduce_sum(totals)
+            if ddp.world_size > 1:
+                dist.all_reduce(totals)  # summed over the processes, for the log and check_step
             for opt in filter(None, optimizers):
                 scaler.unscale_(opt)  # fp16: clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))

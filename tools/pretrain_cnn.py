@@ -104,8 +104,7 @@ def main(argv=None):
     # ---- loop
     bar, bad_images, step, t0 = common.Progress(total_steps, 0, True), common.BadImages(), 0, time.time()
     while step < total_steps:
-        for batch in train_loader:
-            bad_images.note(batch)
+        for batch in map(bad_images.note, train_loader):  # --skip-bad-images: report what collate left out
             batch = common.batch_to_device(batch, device, cfg.channels_last)
             for group in optimizer.param_groups:  # linear decay to 0
                 group["lr"] = cfg.lr * (1 - step / total_steps)
