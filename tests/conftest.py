@@ -5,6 +5,8 @@ import signal
 import pytest
 import torch
 
+from tools import synthetic
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the oracles are built locally, never downloaded
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -71,10 +73,17 @@ def minilm_dir():
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, request):
+    """A small demo corpus (5% of the demo's size), written once for each test module that asks for
+    it, so that a module may damage its own copy."""
+    folder = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    return str(synthetic.write_demo_corpus(folder / "demo", seed=0, scale=0.05))
+
+
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
     """The full demo corpus (scale 1, ~15 s to write), shared by the tests that learn on it."""
-    from tools import synthetic
     return str(synthetic.ensure_demo_corpus(tmp_path_factory.mktemp("demo_corpus") / "demo"))
 
 

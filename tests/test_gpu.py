@@ -19,7 +19,6 @@ import finetune_nlvr
 import finetune_retrieval
 import finetune_vqa
 import pretrain
-from tools import synthetic
 
 pytestmark = pytest.mark.gpu
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,11 +52,6 @@ def finetune_args(root, init, out, extra, **overrides):
 def logged_losses(out_dir):
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     return [[v for k, v in r.items() if k.endswith("loss")] for r in rows if any(k.endswith("loss") for k in r)]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("gpu") / "demo", seed=0, scale=0.05))
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,8 @@ import data
 import evaluate
 import finetune_vqa
 import pretrain
-from tools import synthetic
 
 SIZES = ["--image-min-size=64", "--image-max-size=96", "--num-workers=0", "--dtype=fp32"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("inference") / "demo", seed=0, scale=0.05))
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,6 @@ import evaluate
 import metrics
 import finetune_nlvr
 import pretrain
-from tools import synthetic
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("nlvr") / "demo", seed=0, scale=0.05))
 
 
 @pytest.fixture(scope="module")

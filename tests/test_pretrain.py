@@ -12,14 +12,8 @@ import torch
 import checkpoint
 import common
 import pretrain
-from tools import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("pretrain") / "demo", seed=0, scale=0.05))
 
 
 def small_run_args(root, out_dir, **overrides):

@@ -9,13 +9,7 @@ import torch
 
 import checkpoint
 from tools import pretrain_cnn
-from tools import synthetic
 from model import PixelBert, PixelBertConfig, load_cnn
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("cnn") / "demo", seed=0, scale=0.05))
 
 
 def quick(root, out, **overrides):

@@ -22,15 +22,9 @@ import common
 import data
 import finetune_vqa
 import pretrain
-from tools import synthetic
 from model import PixelBert, PixelBertConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("reliability") / "demo", seed=0, scale=0.05))
 
 
 

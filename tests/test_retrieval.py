@@ -20,15 +20,9 @@ import data
 import evaluate
 import metrics
 import finetune_retrieval
-from tools import synthetic
 from model import PixelBert, PixelBertConfig, hard_negative_loss, rank_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("retrieval") / "demo", seed=0, scale=0.05))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import torch
 import common
 import data
 import pretrain
-from tools import synthetic
 
 
 # ---- lr_factor(step, warmup_steps, warmup_start, milestones): 0-based step, milestones in steps
@@ -63,11 +62,6 @@ def test_schedule_in_steps(args, expected):
 
 
 # ---- the schedule a real run follows
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("schedule") / "demo", seed=0, scale=0.05))
-
 
 def test_logged_lr_follows_warmup_and_milestone(corpus, tmp_path):
     """6 steps: a 4-step warm-up from 1/3 and a milestone at step 5 (0-based), so the lr of each

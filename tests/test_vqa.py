@@ -18,12 +18,6 @@ import evaluate
 import finetune_vqa
 import pretrain
 from model import PixelBert, PixelBertConfig
-from tools import synthetic
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return str(synthetic.write_demo_corpus(tmp_path_factory.mktemp("vqa") / "demo", seed=0, scale=0.05))
 
 
 @pytest.fixture(scope="module")
