@@ -85,27 +85,31 @@ DEFAULTS = {
 # autotuning (torch.backends.cudnn.benchmark), captions per image (1: the paper; 0:
 # --captions-per-image), the model (ours, or the torchvision + transformers baseline), and the frozen
 # BatchNorm folded into the convolutions (model.fold_frozen_batchnorm; r50 and x152 only).
-Row = namedtuple("Row", "name task dtype channels_last fused compile autotune captions_per_image impl fold",
-                 defaults=(False,))
+Row = namedtuple("Row", "name task dtype channels_last fused compile autotune captions_per_image impl fold")
 FLAGS = tuple(f for f in Row._fields if f not in ("name", "impl"))  # what our row and its baseline row share
-ROWS = [
-    Row("pretrain fp32", "pretrain", "fp32", False, False, False, False, 1, "ours"),
-    Row("pretrain fp32 +cl +fused", "pretrain", "fp32", True, True, False, False, 1, "ours"),
-    Row("pretrain bf16", "pretrain", "bf16", False, False, False, False, 1, "ours"),
-    Row("pretrain bf16 +channels_last", "pretrain", "bf16", True, False, False, False, 1, "ours"),
-    Row("pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, False, 1, "ours"),
-    Row("pretrain bf16 +cl +fused +autotune", "pretrain", "bf16", True, True, False, True, 1, "ours"),
-    Row("pretrain fp32 +cl +fused +fold", "pretrain", "fp32", True, True, False, False, 1, "ours", True),
-    Row("pretrain bf16 +cl +fused +fold", "pretrain", "bf16", True, True, False, False, 1, "ours", True),
-    Row("pretrain bf16 +cl +fused +captions/image", "pretrain", "bf16", True, True, False, False, 0, "ours"),
-    Row("baseline pretrain fp32", "pretrain", "fp32", False, False, False, False, 1, "baseline"),
-    Row("baseline pretrain bf16 +cl +fused", "pretrain", "bf16", True, True, False, False, 1, "baseline"),
-    Row("baseline pretrain bf16 +cl +fused +autotune", "pretrain", "bf16", True, True, False, True, 1, "baseline"),
-    Row("vqa fp32", "vqa", "fp32", False, False, False, False, 1, "ours"),
-    Row("vqa bf16 +cl +fused", "vqa", "bf16", True, True, False, False, 1, "ours"),
-    Row("pretrain bf16 +cl +fused +compile", "pretrain", "bf16", True, True, True, False, 1, "ours"),
-    Row("pretrain bf16 +cl +fused +autotune +compile", "pretrain", "bf16", True, True, True, True, 1, "ours"),
-]
+ADDITIONS = {"+cl": "channels_last", "+channels_last": "channels_last", "+fused": "fused", "+compile": "compile",
+             "+autotune": "autotune", "+captions/image": "captions_per_image", "+fold": "fold"}
+
+
+def row(name):
+    """The Row a name spells: "[baseline] <task> <dtype> [+addition ...]", so that a row's name and
+    its settings cannot disagree."""
+    words = name.split()
+    impl = "baseline" if words[0] == "baseline" else "ours"
+    task, dtype, *additions = words[impl == "baseline":]
+    on = {ADDITIONS[a] for a in additions}
+    return Row(name, task, dtype, "channels_last" in on, "fused" in on, "compile" in on, "autotune" in on,
+               0 if "captions_per_image" in on else 1, impl, "fold" in on)
+
+
+ROWS = [row(name) for name in (
+    "pretrain fp32", "pretrain fp32 +cl +fused", "pretrain bf16", "pretrain bf16 +channels_last",
+    "pretrain bf16 +cl +fused", "pretrain bf16 +cl +fused +autotune", "pretrain fp32 +cl +fused +fold",
+    "pretrain bf16 +cl +fused +fold", "pretrain bf16 +cl +fused +captions/image",
+    "baseline pretrain fp32", "baseline pretrain bf16 +cl +fused", "baseline pretrain bf16 +cl +fused +autotune",
+    "vqa fp32", "vqa bf16 +cl +fused",
+    "pretrain bf16 +cl +fused +compile", "pretrain bf16 +cl +fused +autotune +compile",
+)]
 # torch.compile comes last, so that a slow or failing compilation leaves every other row measured.
 # Each device's default rows; any other row runs when named in --rows. The compiled rows are
 # opt-in: compiling r50 + BERT-base forward and backward takes minutes (docs/performance.md).
