@@ -154,17 +154,35 @@ def digests(folder):
 # ---- small tools for the cases
 
 
+def damaged(script_flags, *damages, **flags):
+    """A case's argv: script_flags (pretrain_flags, vqa_flags, ...) on the case's own copy of the
+    corpus, after each damage(root) has run on that copy. The fine-tuning scripts start from the
+    finished pre-training run's final.pt."""
+    def argv(ctx):
+        root = ctx.own_corpus()
+        for damage in damages:
+            damage(root)
+        init = [ctx.final] if script_flags in (vqa_flags, nlvr_flags, retrieval_flags) else []
+        return script_flags(root, ctx.out, *init, **flags)
+    return argv
+
+
 def image_of(root, folder):
     """The first image file under root/folder."""
     names = sorted(n for n in os.listdir(os.path.join(root, folder)) if n.endswith((".jpg", ".png")))
     return os.path.join(root, folder, names[0])
 
 
-def damage_all(root, folder, content=b"not an image"):
-    for name in os.listdir(os.path.join(root, folder)):
-        if name.endswith((".jpg", ".png")):
-            with open(os.path.join(root, folder, name), "wb") as f:
-                f.write(content)
+def images_in(root, *folders):
+    """Every image file under each root/folder."""
+    return [os.path.join(root, folder, name) for folder in folders for name in os.listdir(os.path.join(root, folder))
+            if name.endswith((".jpg", ".png"))]
+
+
+def damage_all(root, *folders):
+    for path in images_in(root, *folders):
+        with open(path, "wb") as f:
+            f.write(b"not an image")
 
 
 def convert(path, ext):
@@ -175,10 +193,9 @@ def convert(path, ext):
     return new
 
 
-def convert_all(root, folder, ext):
-    for name in os.listdir(os.path.join(root, folder)):
-        if name.endswith((".jpg", ".png")):
-            convert(os.path.join(root, folder, name), ext)
+def convert_all(root, ext, *folders):
+    for path in images_in(root, *folders):
+        convert(path, ext)
 
 
 def edit_json(path, change):
@@ -378,14 +395,12 @@ def case_list():
         ("pretrain-data-root-missing", "pretrain", lambda c: P(str(c.tmp / "nowhere"), c.out),
          error(1, r"nowhere/(vocab.txt: vocabulary file not found|coco/dataset_coco.json is missing)")),
         ("pretrain-karpathy-json-invalid", "pretrain",
-         lambda c: (c.file("x", ""), open(c.own_corpus() + "/coco/dataset_coco.json", "w").write("{oops"),
-                    P(c.own_corpus(), c.out))[-1], error(1, r"dataset_coco.json: not a valid JSON file")),
+         damaged(P, lambda r: open(r + "/coco/dataset_coco.json", "w").write("{oops")),
+         error(1, r"dataset_coco.json: not a valid JSON file")),
         ("pretrain-karpathy-record-without-filename", "pretrain",
-         lambda c: (edit_json(c.own_corpus() + "/coco/dataset_coco.json",
-                              lambda d: d["images"][0].pop("filename")), P(c.own_corpus(), c.out))[-1],
+         damaged(P, lambda r: edit_json(r + "/coco/dataset_coco.json", lambda d: d["images"][0].pop("filename"))),
          error(1, r"dataset_coco.json: images\[0\]: field 'filename' is missing")),
-        ("pretrain-vg-json-missing", "pretrain",
-         lambda c: (os.remove(c.own_corpus() + "/vg/image_data.json"), P(c.own_corpus(), c.out))[-1],
+        ("pretrain-vg-json-missing", "pretrain", damaged(P, lambda r: os.remove(r + "/vg/image_data.json")),
          error(1, r"vg/image_data.json is missing. Get")),
         ("pretrain-vocab-missing", "pretrain", lambda c: P(c.corpus, c.out, vocab=str(c.tmp / "none.txt")),
          error(1, r"none.txt: vocabulary file not found")),
@@ -395,21 +410,18 @@ def case_list():
         ("pretrain-vocab-without-specials", "pretrain", lambda c: P(c.corpus, c.out, vocab=c.file("v.txt", "a\nb\n")),
          error(1, r"v.txt: a BERT vocabulary needs \[PAD\] at id 0")),
         ("pretrain-training-image-undecodable", "pretrain",
-         lambda c: (damage_all(c.own_corpus(), "coco/train2014"), damage_all(c.own_corpus(), "vg/VG_100K"),
-                    P(c.own_corpus(), c.out))[-1], error(1, r"\.jpg: cannot (decode the image|read the image header)")),
+         damaged(P, lambda r: damage_all(r, "coco/train2014", "vg/VG_100K")),
+         error(1, r"\.jpg: cannot (decode the image|read the image header)")),
         ("pretrain-training-image-in-worker", "pretrain",
-         lambda c: (truncate_images(c.own_corpus(), "coco/train2014"), truncate_images(c.own_corpus(), "vg/VG_100K"),
-                    P(c.own_corpus(), c.out, num_workers=1))[-1], error(1, r"\.jpg: cannot decode the image")),
+         damaged(P, lambda r: truncate_images(r, "coco/train2014", "vg/VG_100K"), num_workers=1),
+         error(1, r"\.jpg: cannot decode the image")),
         ("pretrain-skip-bad-images", "pretrain",
-         lambda c: (bad_training_images(c), P(c.own_corpus(), c.out, skip_bad_images=True))[-1],
+         damaged(P, bad_training_images, skip_bad_images=True),
          ok("unreadable image")),
         ("pretrain-images-as-png", "pretrain",
-         lambda c: (convert_all(c.own_corpus(), "coco/train2014", ".png"), convert_all(c.own_corpus(), "vg/VG_100K",
-                                                                                       ".png"),
-                    convert_all(c.own_corpus(), "coco/val2014", ".png"), P(c.own_corpus(), c.out))[-1],
+         damaged(P, lambda r: convert_all(r, ".png", "coco/train2014", "vg/VG_100K", "coco/val2014")),
          ok("saved")),
-        ("pretrain-held-out-image-undecodable", "pretrain",
-         lambda c: (truncate_images(c.own_corpus(), "coco/val2014"), P(c.own_corpus(), c.out))[-1],
+        ("pretrain-held-out-image-undecodable", "pretrain", damaged(P, lambda r: truncate_images(r, "coco/val2014")),
          then(error(1, r"val2014/.*\.jpg: cannot"), no_checkpoint)),
         ("pretrain-cnn-not-a-checkpoint", "pretrain", lambda c: P(c.corpus, c.out, cnn=c.file("cnn.pth", "hello")),
          then(error(2, r"--cnn .*cnn.pth: not a weights file"), no_checkpoint)),
@@ -432,7 +444,7 @@ def case_list():
          error(2, r"--out-dir .*afile/run: cannot write there")),
         ("pretrain-resume-empty-folder", "pretrain", lambda c: P(c.corpus, c.out, resume=True),
          error(2, r"--resume: no checkpoint")),
-        ("pretrain-read-only-data-root", "pretrain", lambda c: P(c.own_corpus(), c.out),
+        ("pretrain-read-only-data-root", "pretrain", damaged(P),
          ok("caching the caption index")),
         # ---- nothing lost
         ("loss-new-run-into-finished-run", "pretrain", lambda c: (c.copy_run(), P(c.corpus, c.out, lr=0.5))[-1],
@@ -489,62 +501,49 @@ def case_list():
          then(ok("resumed from"), newest_loads)),
         # ---- finetune_vqa.py
         ("vqa-annotations-missing", "vqa",
-         lambda c: (os.remove(c.own_corpus() + "/vqa/v2_mscoco_train2014_annotations.json"),
-                    V(c.own_corpus(), c.out, c.final))[-1], error(1, r"annotations.json is missing. Get")),
+         damaged(V, lambda r: os.remove(r + "/vqa/v2_mscoco_train2014_annotations.json")),
+         error(1, r"annotations.json is missing. Get")),
         ("vqa-questions-invalid-json", "vqa",
-         lambda c: (open(c.own_corpus() + "/vqa/v2_OpenEnded_mscoco_train2014_questions.json", "w").write("["),
-                    V(c.own_corpus(), c.out, c.final))[-1], error(1, r"questions.json: not a valid JSON file")),
+         damaged(V, lambda r: open(r + "/vqa/v2_OpenEnded_mscoco_train2014_questions.json", "w").write("[")),
+         error(1, r"questions.json: not a valid JSON file")),
         ("vqa-question-without-annotation", "vqa",
-         lambda c: (edit_json(c.own_corpus() + "/vqa/v2_mscoco_train2014_annotations.json",
-                              lambda d: d["annotations"].pop(0)), V(c.own_corpus(), c.out, c.final))[-1],
+         damaged(V, lambda r: edit_json(r + "/vqa/v2_mscoco_train2014_annotations.json",
+                                        lambda d: d["annotations"].pop(0))),
          error(1, r"have no annotation \(e.g. question_id")),
-        ("vqa-image-missing", "vqa",
-         lambda c: (os.remove(image_of(c.own_corpus(), "coco/train2014")), V(c.own_corpus(), c.out, c.final))[-1],
+        ("vqa-image-missing", "vqa", damaged(V, lambda r: os.remove(image_of(r, "coco/train2014"))),
          error(1, r"train2014.*\.jpg \(or .png\): image of VQA image_id \d+ not found")),
         ("vqa-images-as-png", "vqa",
-         lambda c: (convert_all(c.own_corpus(), "coco/train2014", ".png"), convert_all(c.own_corpus(), "coco/val2014",
-                                                                                        ".png"),
-                    V(c.own_corpus(), c.out, c.final))[-1], ok("best")),
+         damaged(V, lambda r: convert_all(r, ".png", "coco/train2014", "coco/val2014")), ok("best")),
         ("vqa-init-plain-state-dict", "vqa", lambda c: V(c.corpus, c.out, plain_state_dict(c)),
          error(2, r"--init .*plain.pt: a bare state dict")),
         ("vqa-init-other-vocabulary", "vqa",
          lambda c: V(c.corpus, c.out, c.final, vocab=c.file("vocab.txt", "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\n")),
          error(2, r"--vocab .*another WordPiece vocabulary")),
         ("vqa-held-out-image-undecodable", "vqa",
-         lambda c: (truncate_images(c.own_corpus(), "coco/val2014"), V(c.own_corpus(), c.out, c.final,
-                                                                   train_split="train"))[-1],
+         damaged(V, lambda r: truncate_images(r, "coco/val2014"), train_split="train"),
          then(error(1, r"val2014/.*: cannot"), no_checkpoint)),
         # ---- finetune_nlvr.py
-        ("nlvr-dev-missing", "nlvr", lambda c: (os.remove(c.own_corpus() + "/nlvr2/data/dev.json"),
-                                                N(c.own_corpus(), c.out, c.final))[-1],
+        ("nlvr-dev-missing", "nlvr", damaged(N, lambda r: os.remove(r + "/nlvr2/data/dev.json")),
          error(1, r"nlvr2/data/dev.json is missing")),
-        ("nlvr-bad-json-line", "nlvr",
-         lambda c: (open(c.own_corpus() + "/nlvr2/data/train.json", "a").write("{oops\n"),
-                    N(c.own_corpus(), c.out, c.final))[-1], error(1, r"train.json, line \d+")),
+        ("nlvr-bad-json-line", "nlvr", damaged(N, lambda r: open(r + "/nlvr2/data/train.json", "a").write("{oops\n")),
+         error(1, r"train.json, line \d+")),
         ("nlvr-label-not-boolean", "nlvr",
-         lambda c: (rewrite_lines(c.own_corpus() + "/nlvr2/data/train.json", lambda r: {**r, "label": "maybe"}),
-                    N(c.own_corpus(), c.out, c.final))[-1], error(1, r"train.json, line 1")),
-        ("nlvr-image-missing", "nlvr",
-         lambda c: (os.remove(image_of(c.own_corpus(), "nlvr2/images/dev")), N(c.own_corpus(), c.out, c.final))[-1],
+         damaged(N, lambda r: rewrite_lines(r + "/nlvr2/data/train.json", lambda e: {**e, "label": "maybe"})),
+         error(1, r"train.json, line 1")),
+        ("nlvr-image-missing", "nlvr", damaged(N, lambda r: os.remove(image_of(r, "nlvr2/images/dev"))),
          error(1, r"dev-.*-img\d.png: image of .*dev.json, line \d+ .* not found")),
-        ("nlvr-images-as-jpg", "nlvr",
-         lambda c: (convert_all(c.own_corpus(), "nlvr2/images/dev", ".jpg"), N(c.own_corpus(), c.out, c.final))[-1],
-         ok("best")),
-        ("nlvr-held-out-image-undecodable", "nlvr",
-         lambda c: (truncate_images(c.own_corpus(), "nlvr2/images/dev"), N(c.own_corpus(), c.out, c.final))[-1],
+        ("nlvr-images-as-jpg", "nlvr", damaged(N, lambda r: convert_all(r, ".jpg", "nlvr2/images/dev")), ok("best")),
+        ("nlvr-held-out-image-undecodable", "nlvr", damaged(N, lambda r: truncate_images(r, "nlvr2/images/dev")),
          then(error(1, r"dev-.*\.png: cannot"), no_checkpoint)),
         # ---- finetune_retrieval.py
         ("retrieval-karpathy-missing", "retrieval",
-         lambda c: (os.remove(c.own_corpus() + "/flickr30k/dataset_flickr30k.json"),
-                    R(c.own_corpus(), c.out, c.final))[-1], error(1, r"dataset_flickr30k.json is missing. Get")),
-        ("retrieval-image-missing", "retrieval",
-         lambda c: (os.remove(image_of(c.own_corpus(), "flickr30k/images")), R(c.own_corpus(), c.out, c.final))[-1],
+         damaged(R, lambda r: os.remove(r + "/flickr30k/dataset_flickr30k.json")),
+         error(1, r"dataset_flickr30k.json is missing. Get")),
+        ("retrieval-image-missing", "retrieval", damaged(R, lambda r: os.remove(image_of(r, "flickr30k/images"))),
          error(1, r"flickr30k/images/.*\.jpg: image of .* not found")),
-        ("retrieval-images-as-png", "retrieval",
-         lambda c: (convert_all(c.own_corpus(), "flickr30k/images", ".png"), R(c.own_corpus(), c.out, c.final))[-1],
+        ("retrieval-images-as-png", "retrieval", damaged(R, lambda r: convert_all(r, ".png", "flickr30k/images")),
          ok("best checkpoint")),
-        ("retrieval-test-image-undecodable", "retrieval",
-         lambda c: (truncate_images(c.own_corpus(), "flickr30k/images"), R(c.own_corpus(), c.out, c.final))[-1],
+        ("retrieval-test-image-undecodable", "retrieval", damaged(R, lambda r: truncate_images(r, "flickr30k/images")),
          then(error(1, r"\.jpg: cannot"), no_checkpoint)),
         # ---- evaluate.py
         ("evaluate-vqa", "evaluate", lambda c: eval_args(c, "vqa"), ok("overall")),
@@ -572,7 +571,7 @@ def case_list():
         ("evaluate-nlvr2-batch-size-0", "evaluate", lambda c: eval_args(c, "nlvr2", batch_size=0),
          error(2, r"--batch-size")),
         ("evaluate-nlvr2-images-as-jpg", "evaluate",
-         lambda c: (convert_all(c.own_corpus(), "nlvr2/images/dev", ".jpg"),
+         lambda c: (convert_all(c.own_corpus(), ".jpg", "nlvr2/images/dev"),
                     eval_args(c, "nlvr2", data_root=c.own_corpus()))[-1], ok("accuracy")),
         ("evaluate-retrieval", "evaluate", lambda c: eval_args(c, "retrieval"), ok("tr_r1")),
         ("evaluate-retrieval-zero-shot", "evaluate", lambda c: eval_args(c, "retrieval", checkpoint=c.final),
@@ -590,7 +589,7 @@ def case_list():
          lambda c: eval_args(c, "retrieval", save_scores=str(c.tmp / "no/s.pt")),
          error(2, r"--save-scores .*does not exist")),
         ("evaluate-retrieval-images-as-png", "evaluate",
-         lambda c: (convert_all(c.own_corpus(), "flickr30k/images", ".png"),
+         lambda c: (convert_all(c.own_corpus(), ".png", "flickr30k/images"),
                     eval_args(c, "retrieval", data_root=c.own_corpus()))[-1], ok("tr_r1")),
         ("evaluate-vqa-score", "evaluate", lambda c: vqa_score_args(c, vqa_predictions(c)), ok("overall")),
         ("evaluate-vqa-score-missing-file", "evaluate", lambda c: vqa_score_args(c, str(c.tmp / "none.json")),
@@ -624,13 +623,12 @@ def case_list():
         ("cnn-trains", "cnn", lambda c: cnn_flags(c.corpus, c.out), ok("saved")),
         ("cnn-imagenet-missing", "cnn", lambda c: cnn_flags(str(c.tmp / "nowhere"), c.out),
          error(1, r"imagenet/train is missing")),
-        ("cnn-class-folder-empty", "cnn",
-         lambda c: (mkdir(c.own_corpus() + "/imagenet/train/zebra"), cnn_flags(c.own_corpus(), c.out))[-1],
+        ("cnn-class-folder-empty", "cnn", damaged(cnn_flags, lambda r: mkdir(r + "/imagenet/train/zebra")),
          error(1, r"imagenet/train/zebra: no images")),
         ("cnn-skip-bad-images", "cnn",
-         lambda c: (damage_one_class(c.own_corpus()), cnn_flags(c.own_corpus(), c.out, skip_bad_images=True))[-1],
+         damaged(cnn_flags, damage_one_class, skip_bad_images=True),
          ok("unreadable image")),
-        ("cnn-bad-image", "cnn", lambda c: (damage_one_class(c.own_corpus()), cnn_flags(c.own_corpus(), c.out))[-1],
+        ("cnn-bad-image", "cnn", damaged(cnn_flags, damage_one_class),
          error(1, r"\.JPEG: cannot decode the image", trained_ok=True)),
         ("cnn-out-folder-created", "cnn", lambda c: cnn_flags(c.corpus, c.out, out=str(c.tmp / "new/sub/cnn.pth")),
          ok("saved")),
@@ -640,8 +638,7 @@ def case_list():
     return cases
 
 
-def bad_training_images(ctx):
-    root = ctx.own_corpus()
+def bad_training_images(root):
     for folder in ("coco/train2014", "vg/VG_100K"):
         names = sorted(os.listdir(os.path.join(root, folder)))
         for name in names[: len(names) // 3]:
@@ -649,14 +646,12 @@ def bad_training_images(ctx):
                 f.write(b"\xff\xd8\xff not really a jpeg")
 
 
-def truncate_images(root, folder):
-    """Every image of the folder cut to its first half: the header still reads (the image is
+def truncate_images(root, *folders):
+    """Every image of the folders cut to its first half: the header still reads (the image is
     indexed), the pixels do not decode."""
-    for name in os.listdir(os.path.join(root, folder)):
-        if name.endswith((".jpg", ".png")):
-            path = os.path.join(root, folder, name)
-            with open(path, "r+b") as f:
-                f.truncate(os.path.getsize(path) // 2)
+    for path in images_in(root, *folders):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
 
 
 def damage_one_class(root):
@@ -754,11 +749,9 @@ TOP_LEVEL = [
      r"--global-batch 6"),
     ("pretrain-no-data", lambda c: ["pretrain.py", *pretrain_flags(str(c.tmp / "none"), c.out)], 1,
      r"none/vocab.txt: vocabulary file not found"),
-    ("pretrain-worker-data-error", lambda c: (bad_training_images(c), damage_all(c.own_corpus(), "coco/train2014"),
-                                              damage_all(c.own_corpus(), "vg/VG_100K"),
-                                              ["pretrain.py", *pretrain_flags(c.own_corpus(), c.out,
-                                                                              num_workers=1)])[-1],
-     1, r"\.jpg: cannot"),
+    ("pretrain-worker-data-error",
+     lambda c: ["pretrain.py", *damaged(pretrain_flags, lambda r: damage_all(r, "coco/train2014", "vg/VG_100K"),
+                                        num_workers=1)(c)], 1, r"\.jpg: cannot"),
     ("evaluate-bad-checkpoint", lambda c: ["evaluate.py", "match", f"--checkpoint={c.file('g.pt', 'x')}",
                                            f"--image={image_of(c.corpus, 'coco/val2014')}", "--text=a"], 1,
      r"g.pt: not a loadable checkpoint"),
