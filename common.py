@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import PAD_MULTIPLE, normalize_images
+from metrics import EvaluationError
 from model import PixelBert, PixelBertConfig, copy_weights, count_parameters, load_bert, load_cnn
 
 # -----------------------------------------------------------------------------
@@ -601,7 +602,6 @@ def error_line(error):
     """The message of an exception that reached the top: the errors these scripts raise on
     purpose (data.DataError, metrics.EvaluationError, ValueError, OSError) already name the file
     or record and what to do; anything else is shown with its type as unexpected."""
-    from metrics import EvaluationError
     text = worker_message(str(error))
     if isinstance(error, OSError) and error.filename and error.strerror:  # not "[Errno 2] No such file ...: 'x'"
         text = f"{error.filename}: {error.strerror}"
@@ -615,7 +615,6 @@ def worker_message(text):
     """A DataLoader worker's exception comes back as the same type with the worker's whole
     traceback as its message ("Caught DataError in DataLoader worker process 0. Original
     Traceback ... data.DataError: <message>"): only the original message is kept."""
-    import re
     if "Original Traceback" not in text:
         return text
     lines = text.rstrip().splitlines()
